@@ -1,0 +1,1 @@
+"""chatstream server: gRPC ChatService, persistence consumer and relay."""

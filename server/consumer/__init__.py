@@ -1,0 +1,1 @@
+"""The persistence consumer (``chatstream consume``) and the outbox relay."""

@@ -1,0 +1,95 @@
+"""A conversation's earlier turns for the prompt: cache-aside in Redis over PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from server.constants import context_key
+from server.db import repository
+from server.db.engine import SessionMaker
+from server.domain import Exchange
+
+logger = logging.getLogger(__name__)
+
+
+class ContextStore:
+    """Loads and remembers the exchanges that precede a turn.
+
+    The cached value records the last turn it covers (``through``). It is used only
+    when it covers exactly the turns before the one being built, so a stale or
+    partially written cache can never hide a turn: PostgreSQL (the turn rows written
+    by unit of work 2) is the fallback and the truth. Redis failures only cost a read.
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, sessionmaker: SessionMaker, *, max_turns: int, ttl_s: int
+    ) -> None:
+        self._redis = redis
+        self._sessionmaker = sessionmaker
+        self._max_turns = max_turns
+        self._ttl_s = ttl_s
+
+    async def load(self, conversation_id: uuid.UUID, *, owner: str, before_seq: int) -> list[Exchange]:
+        """The last ``max_turns`` exchanges before turn ``before_seq``, oldest first."""
+        if self._max_turns == 0 or before_seq <= 1:
+            return []
+        cached = await self._read_cache(conversation_id)
+        if cached is not None:
+            cached_owner, through, exchanges = cached
+            # The owner check keeps a stale entry of a deleted conversation from ever
+            # reaching another owner who re-creates the same id.
+            if cached_owner == owner and through == before_seq - 1:
+                return exchanges[-self._max_turns :]
+        # A short read-only unit of work, closed before the model is called.
+        async with self._sessionmaker.begin() as session:
+            exchanges = await repository.list_exchanges(
+                session, conversation_id=conversation_id, before_seq=before_seq, limit=self._max_turns
+            )
+        await self.remember(conversation_id, owner=owner, through=before_seq - 1, exchanges=exchanges)
+        return exchanges
+
+    async def remember(
+        self, conversation_id: uuid.UUID, *, owner: str, through: int, exchanges: Sequence[Exchange]
+    ) -> None:
+        """Caches the exchanges up to and including turn ``through``; best effort."""
+        kept = list(exchanges)[-self._max_turns :] if self._max_turns else []
+        value = json.dumps(
+            {"owner": owner, "through": through, "x": [[e.seq, e.user_text, e.assistant_text] for e in kept]},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        try:
+            await self._redis.set(context_key(str(conversation_id)), value, ex=self._ttl_s)
+        except redis.exceptions.RedisError as exc:
+            logger.warning("context cache write failed: %s", exc.__class__.__name__)
+
+    async def forget(self, conversation_id: uuid.UUID) -> None:
+        """Drops a conversation's cached context; best effort (the owner check covers misses)."""
+        try:
+            await self._redis.delete(context_key(str(conversation_id)))
+        except redis.exceptions.RedisError as exc:
+            logger.warning("context cache delete failed: %s", exc.__class__.__name__)
+
+    async def _read_cache(self, conversation_id: uuid.UUID) -> tuple[str, int, list[Exchange]] | None:
+        try:
+            raw = await self._redis.get(context_key(str(conversation_id)))
+        except redis.exceptions.RedisError as exc:
+            logger.warning("context cache read failed: %s", exc.__class__.__name__)
+            return None
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            exchanges = [
+                Exchange(seq=int(s), user_text=str(u), assistant_text=str(a)) for s, u, a in data["x"]
+            ]
+            return str(data["owner"]), int(data["through"]), exchanges
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring malformed context cache entry")
+            return None

@@ -1,0 +1,1 @@
+"""PostgreSQL access: engine factories, tables, repository functions, migrations."""

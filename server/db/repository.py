@@ -1,0 +1,339 @@
+"""Data access for conversations, turns and messages.
+
+Every function takes the caller's ``AsyncSession`` first and never begins, commits or
+rolls back: the use case owns the unit of work. ``get_*`` raises NotFoundError,
+``find_*`` returns None, ``list_*`` returns a page, ``insert_*``/``update_*``/``delete_*``
+mutate.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, func, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from server.db.tables import ConversationRow, MessageRow, TurnRow
+from server.domain import Conversation, Exchange, Message, Role, Turn, TurnStatus, Usage
+from server.errors import NotFoundError
+
+# The same message (turn, role) always gets the same id, so its resource name is
+# stable whichever of several redundant deliveries wins the insert.
+_MESSAGE_ID_NAMESPACE = uuid.UUID("0b8f7d4e-3c1a-4f55-9a43-7d1c2a9e6b10")
+
+
+def message_id(turn_id: uuid.UUID, role: Role) -> uuid.UUID:
+    """The deterministic id of one message of a turn."""
+    return uuid.uuid5(_MESSAGE_ID_NAMESPACE, f"{turn_id}/{role.value}")
+
+
+def _conversation(row: ConversationRow) -> Conversation:
+    return Conversation(
+        id=row.id,
+        owner=row.owner,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        turn_count=row.turn_count,
+        message_count=row.message_count,
+    )
+
+
+def _turn(row: TurnRow) -> Turn:
+    return Turn(
+        id=row.id,
+        conversation_id=row.conversation_id,
+        owner=row.owner,
+        seq=row.seq,
+        request_id=row.request_id,
+        user_text=row.user_text,
+        assistant_text=row.assistant_text,
+        status=TurnStatus(row.status),
+        stop_reason=row.stop_reason,
+        usage=Usage(input_tokens=row.input_tokens, output_tokens=row.output_tokens),
+        model=row.model,
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+    )
+
+
+async def get_conversation(session: AsyncSession, *, owner: str, conversation_id: uuid.UUID) -> Conversation:
+    """The owner's conversation; NotFoundError if it is missing or someone else's."""
+    row = await session.scalar(
+        select(ConversationRow).where(ConversationRow.id == conversation_id, ConversationRow.owner == owner)
+    )
+    if row is None:
+        raise NotFoundError("conversation not found")
+    return _conversation(row)
+
+
+async def find_conversation_by_request_id(
+    session: AsyncSession, *, owner: str, request_id: str
+) -> Conversation | None:
+    """The conversation a create with this idempotency key made, if any."""
+    row = await session.scalar(
+        select(ConversationRow).where(
+            ConversationRow.owner == owner, ConversationRow.create_request_id == request_id
+        )
+    )
+    return None if row is None else _conversation(row)
+
+
+async def insert_conversation(
+    session: AsyncSession, *, owner: str, conversation_id: uuid.UUID, request_id: str | None
+) -> Conversation | None:
+    """Inserts a conversation; None when the id or the (owner, request_id) is taken.
+
+    ON CONFLICT DO NOTHING rather than catching IntegrityError: a failed statement
+    would poison the caller's transaction, and racing creators are normal.
+    """
+    stmt = (
+        insert(ConversationRow)
+        .values(id=conversation_id, owner=owner, create_request_id=request_id)
+        .on_conflict_do_nothing()
+        .returning(ConversationRow)
+    )
+    row = await session.scalar(stmt)
+    return None if row is None else _conversation(row)
+
+
+async def list_conversations(
+    session: AsyncSession, *, owner: str, limit: int, after: tuple[datetime, uuid.UUID] | None
+) -> list[Conversation]:
+    """Newest first; ``after`` is the (created_at, id) of the last row of the previous page."""
+    stmt = select(ConversationRow).where(ConversationRow.owner == owner)
+    if after is not None:
+        stmt = stmt.where(tuple_(ConversationRow.created_at, ConversationRow.id) < tuple_(*after))
+    stmt = stmt.order_by(ConversationRow.created_at.desc(), ConversationRow.id.desc()).limit(limit)
+    return [_conversation(row) for row in await session.scalars(stmt)]
+
+
+async def delete_conversation(session: AsyncSession, *, owner: str, conversation_id: uuid.UUID) -> None:
+    """Deletes the conversation with its turns and messages (ON DELETE CASCADE)."""
+    result = await session.execute(
+        delete(ConversationRow)
+        .where(ConversationRow.id == conversation_id, ConversationRow.owner == owner)
+        .returning(ConversationRow.id)
+    )
+    if result.first() is None:
+        raise NotFoundError("conversation not found")
+
+
+async def insert_turn(
+    session: AsyncSession,
+    *,
+    owner: str,
+    conversation_id: uuid.UUID,
+    turn_id: uuid.UUID,
+    request_id: str | None,
+    user_text: str,
+    model: str,
+    lease: timedelta,
+) -> Turn | None:
+    """Numbers and inserts a STREAMING turn; None if it conflicts with another turn.
+
+    Bumping ``turn_count`` takes the conversation's row lock, which serialises turn
+    starts on one conversation for the rest of the transaction. A conflict is either
+    the same (owner, request_id) or another STREAMING turn; the caller tells them apart.
+    Raises NotFoundError if the conversation is missing or not the owner's.
+    """
+    seq = await session.scalar(
+        update(ConversationRow)
+        .where(ConversationRow.id == conversation_id, ConversationRow.owner == owner)
+        .values(turn_count=ConversationRow.turn_count + 1, updated_at=func.now())
+        .returning(ConversationRow.turn_count)
+    )
+    if seq is None:
+        raise NotFoundError("conversation not found")
+    stmt = (
+        insert(TurnRow)
+        .values(
+            id=turn_id,
+            conversation_id=conversation_id,
+            owner=owner,
+            seq=seq,
+            request_id=request_id,
+            user_text=user_text,
+            status=TurnStatus.STREAMING.value,
+            model=model,
+            lease_expires_at=func.now() + lease,
+        )
+        .on_conflict_do_nothing()
+        .returning(TurnRow)
+    )
+    row = await session.scalar(stmt)
+    return None if row is None else _turn(row)
+
+
+async def find_turn_by_request_id(session: AsyncSession, *, owner: str, request_id: str) -> Turn | None:
+    """The turn a Chat with this idempotency key started, if any."""
+    row = await session.scalar(
+        select(TurnRow).where(TurnRow.owner == owner, TurnRow.request_id == request_id)
+    )
+    return None if row is None else _turn(row)
+
+
+async def update_turn_outcome(
+    session: AsyncSession,
+    *,
+    turn_id: uuid.UUID,
+    assistant_text: str,
+    status: TurnStatus,
+    stop_reason: str | None,
+    usage: Usage,
+    error_reason: str | None,
+) -> Turn | None:
+    """Stores how a STREAMING turn ended; returns the stored turn.
+
+    Only a turn still STREAMING is updated, so an outcome decided elsewhere (the lease
+    sweeper marked it INTERRUPTED) is never overwritten; then the stored turn is
+    returned as it is. None if the turn is gone (its conversation was deleted).
+    """
+    row = await session.scalar(
+        update(TurnRow)
+        .where(TurnRow.id == turn_id, TurnRow.status == TurnStatus.STREAMING.value)
+        .values(
+            assistant_text=assistant_text,
+            status=status.value,
+            stop_reason=stop_reason,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            error_reason=error_reason,
+            completed_at=func.now(),
+            lease_expires_at=None,
+        )
+        .returning(TurnRow)
+    )
+    if row is None:
+        row = await session.scalar(select(TurnRow).where(TurnRow.id == turn_id))
+    return None if row is None else _turn(row)
+
+
+async def list_exchanges(
+    session: AsyncSession, *, conversation_id: uuid.UUID, before_seq: int, limit: int
+) -> list[Exchange]:
+    """The last ``limit`` ended turns before ``before_seq``, oldest first, for the prompt.
+
+    Reads turn rows, not messages: the turn row is written synchronously by unit of
+    work 2, so the next turn sees it even while the consumer is stopped (I11).
+    """
+    if limit <= 0:
+        return []
+    rows = await session.execute(
+        select(TurnRow.seq, TurnRow.user_text, TurnRow.assistant_text)
+        .where(
+            TurnRow.conversation_id == conversation_id,
+            TurnRow.seq < before_seq,
+            TurnRow.status != TurnStatus.STREAMING.value,
+        )
+        .order_by(TurnRow.seq.desc())
+        .limit(limit)
+    )
+    exchanges = [Exchange(seq=seq, user_text=user, assistant_text=assistant) for seq, user, assistant in rows]
+    exchanges.reverse()
+    return exchanges
+
+
+async def insert_messages(session: AsyncSession, turns: Sequence[Turn]) -> int:
+    """Persists the user and assistant messages of ended turns; returns rows inserted.
+
+    Idempotent: (turn_id, role) is unique and conflicts are skipped, so redelivered
+    entries insert nothing. Turns whose conversation was deleted meanwhile are skipped
+    instead of failing the batch. Conversation counters grow by what was really
+    inserted, and the turns are marked persisted so the relay leaves them alone.
+    """
+    if not turns:
+        return 0
+    ids: list[uuid.UUID] = []
+    conversation_ids: list[uuid.UUID] = []
+    turn_ids: list[uuid.UUID] = []
+    seqs: list[int] = []
+    roles: list[int] = []
+    texts: list[str] = []
+    statuses: list[str] = []
+    created: list[datetime] = []
+    for turn in turns:
+        for role, body in ((Role.USER, turn.user_text), (Role.ASSISTANT, turn.assistant_text)):
+            ids.append(message_id(turn.id, role))
+            conversation_ids.append(turn.conversation_id)
+            turn_ids.append(turn.id)
+            seqs.append(turn.seq)
+            roles.append(role.value)
+            texts.append(body)
+            statuses.append(turn.status.value)
+            created.append(turn.created_at)
+    # One statement per batch: unnest() turns parallel arrays into rows, which is much
+    # cheaper than one INSERT per message and keeps the statement size fixed.
+    result = await session.execute(
+        text(
+            """
+            INSERT INTO chat.messages
+                (id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)
+            SELECT m.id, m.conversation_id, m.turn_id, m.turn_seq, m.role, m.text, m.turn_status, m.created_at
+            FROM unnest(
+                CAST(:ids AS uuid[]), CAST(:conversation_ids AS uuid[]), CAST(:turn_ids AS uuid[]),
+                CAST(:seqs AS int[]), CAST(:roles AS smallint[]), CAST(:texts AS text[]),
+                CAST(:statuses AS text[]), CAST(:created AS timestamptz[])
+            ) AS m(id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)
+            WHERE EXISTS (SELECT 1 FROM chat.turns t WHERE t.id = m.turn_id)
+            ON CONFLICT (turn_id, role) DO NOTHING
+            RETURNING conversation_id
+            """
+        ),
+        {
+            "ids": ids,
+            "conversation_ids": conversation_ids,
+            "turn_ids": turn_ids,
+            "seqs": seqs,
+            "roles": roles,
+            "texts": texts,
+            "statuses": statuses,
+            "created": created,
+        },
+    )
+    inserted = Counter(row[0] for row in result)
+    # Sorted so concurrent consumers lock conversation rows in the same order (no deadlock).
+    for conversation_id in sorted(inserted):
+        await session.execute(
+            update(ConversationRow)
+            .where(ConversationRow.id == conversation_id)
+            .values(message_count=ConversationRow.message_count + inserted[conversation_id])
+        )
+    await session.execute(
+        update(TurnRow)
+        .where(TurnRow.id.in_({turn.id for turn in turns}), TurnRow.persisted_at.is_(None))
+        .values(persisted_at=func.now())
+    )
+    return sum(inserted.values())
+
+
+async def list_messages(
+    session: AsyncSession,
+    *,
+    owner: str,
+    conversation_id: uuid.UUID,
+    limit: int,
+    after: tuple[int, int] | None,
+) -> list[Message]:
+    """Messages in conversation order; ``after`` is the (turn_seq, role) of the previous page's last."""
+    await get_conversation(session, owner=owner, conversation_id=conversation_id)
+    stmt = select(MessageRow).where(MessageRow.conversation_id == conversation_id)
+    if after is not None:
+        stmt = stmt.where(tuple_(MessageRow.turn_seq, MessageRow.role) > tuple_(*after))
+    stmt = stmt.order_by(MessageRow.turn_seq, MessageRow.role).limit(limit)
+    return [
+        Message(
+            id=row.id,
+            conversation_id=row.conversation_id,
+            turn_id=row.turn_id,
+            turn_seq=row.turn_seq,
+            role=Role(row.role),
+            text=row.text,
+            turn_status=TurnStatus(row.turn_status),
+            created_at=row.created_at,
+        )
+        for row in await session.scalars(stmt)
+    ]

@@ -1,0 +1,124 @@
+"""Domain types: conversations, turns, messages and turn events. No proto, no ORM."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class TurnStatus(enum.StrEnum):
+    """Lifecycle of a turn; every turn ends in exactly one terminal status."""
+
+    STREAMING = "STREAMING"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+    INTERRUPTED = "INTERRUPTED"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the turn can no longer change."""
+        return self is not TurnStatus.STREAMING
+
+
+class Role(enum.IntEnum):
+    """Author of a message; the value orders a turn's two messages (user first)."""
+
+    USER = 1
+    ASSISTANT = 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """Token counts reported by the model."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Conversation:
+    """A chat session owned by one caller."""
+
+    id: uuid.UUID
+    owner: str
+    created_at: datetime
+    updated_at: datetime
+    turn_count: int
+    """Turns started, whatever their outcome; also allocates each turn's ``seq``."""
+    message_count: int
+    """Messages persisted by the consumer (eventually consistent)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Turn:
+    """One user message and the assistant's reply to it, as stored on the turn row."""
+
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    owner: str
+    seq: int
+    """1, 2, 3, ... within the conversation; the order of turns."""
+    request_id: str | None
+    user_text: str
+    assistant_text: str
+    status: TurnStatus
+    stop_reason: str | None
+    usage: Usage
+    model: str
+    created_at: datetime
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """One persisted message, as written by the consumer."""
+
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    turn_id: uuid.UUID
+    turn_seq: int
+    role: Role
+    text: str
+    turn_status: TurnStatus
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exchange:
+    """An earlier turn as the model sees it in the prompt."""
+
+    seq: int
+    user_text: str
+    assistant_text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnStarted:
+    """The turn is durable; sent first."""
+
+    conversation_id: uuid.UUID
+    turn_id: uuid.UUID
+    replay: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextDelta:
+    """A piece of the reply."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnCompleted:
+    """The turn ended and its outcome is stored; sent last."""
+
+    status: TurnStatus
+    stop_reason: str
+    usage: Usage
+    model: str
+
+
+TurnEvent = TurnStarted | TextDelta | TurnCompleted

@@ -1,0 +1,192 @@
+"""Adapter over ``anthropic.AsyncAnthropic``: streams reply text and sorts upstream failures.
+
+See ANTHROPIC_STREAMING.md §9 for why errors are sorted the way they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import anthropic
+import httpx2
+from anthropic.types import MessageParam
+
+from server.config import Settings
+from server.domain import Exchange, Usage
+from server.errors import ChatError, InternalError, UpstreamUnavailableError
+
+logger = logging.getLogger(__name__)
+
+# Mid-stream `event: error` types that mean "try again later" (§2.3, §9).
+_TRANSIENT_STREAM_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error"})
+
+
+@dataclass(slots=True)
+class ReplyOutcome:
+    """What the model reported about a reply; filled in while it streams."""
+
+    model: str = ""
+    stop_reason: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def usage(self) -> Usage:
+        """Token counts so far (final once the stream ended)."""
+        return Usage(input_tokens=self.input_tokens, output_tokens=self.output_tokens)
+
+
+def build_messages(history: Sequence[Exchange], text: str) -> list[MessageParam]:
+    """The prompt: earlier exchanges, then the new user message.
+
+    An earlier turn that produced no assistant text at all is left out: the API needs
+    alternating, non-empty messages, and inventing a reply would put words in the
+    model's mouth.
+    """
+    messages: list[MessageParam] = []
+    for exchange in history:
+        if not exchange.assistant_text:
+            continue
+        messages.append({"role": "user", "content": exchange.user_text})
+        messages.append({"role": "assistant", "content": exchange.assistant_text})
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+class LlmClient:
+    """Streams replies from the Messages API with the configured model and limits."""
+
+    def __init__(
+        self, settings: Settings, *, base_url: str | None = None, api_key: str | None = None
+    ) -> None:
+        self._model = settings.model
+        self._max_tokens = settings.max_tokens
+        self._system = settings.system_prompt
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key or settings.anthropic_api_key,
+            base_url=base_url or settings.anthropic_base_url,
+            max_retries=settings.llm_max_retries,
+            # The read timeout is the longest silence allowed mid-stream; the SDK's
+            # default (10 minutes) would pin a turn that long on a stalled upstream.
+            timeout=httpx2.Timeout(settings.llm_timeout_s, connect=5.0),
+        )
+
+    @property
+    def model(self) -> str:
+        """The model id requested upstream."""
+        return self._model
+
+    async def close(self) -> None:
+        """Closes the HTTP connection pool."""
+        await self._client.close()
+
+    async def stream_reply(
+        self,
+        *,
+        history: Sequence[Exchange],
+        text: str,
+        outcome: ReplyOutcome,
+        read_timeout: timedelta | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """Yields the reply's text deltas as they arrive; fills ``outcome`` on the way.
+
+        Iterates the raw events of ``messages.create(stream=True)`` rather than the
+        ``messages.stream()`` helper, which builds a snapshot per delta at about twice
+        the CPU cost. Use it under ``contextlib.aclosing`` so that cancelling the
+        consumer closes the upstream HTTP stream at once.
+
+        Raises:
+            UpstreamUnavailableError: overloaded, rate limited, timed out, disconnected,
+                or the stream ended before ``message_stop``; the caller may retry.
+            InternalError: the API rejected our request or sent a malformed stream.
+        """
+        outcome.model = self._model
+        stopped = False
+        try:
+            stream = await self._client.messages.create(
+                model=self._model,
+                max_tokens=self._max_tokens,
+                messages=build_messages(history, text),
+                system=self._system or anthropic.omit,
+                stream=True,
+                timeout=anthropic.NOT_GIVEN if read_timeout is None else read_timeout.total_seconds(),
+            )
+            async with stream:
+                async for event in stream:
+                    if event.type == "content_block_delta":
+                        if event.delta.type == "text_delta" and event.delta.text:
+                            yield event.delta.text
+                    elif event.type == "message_start":
+                        outcome.model = event.message.model or self._model
+                        outcome.input_tokens = _total_input(event.message.usage)
+                        outcome.output_tokens = event.message.usage.output_tokens
+                    elif event.type == "message_delta":
+                        outcome.stop_reason = event.delta.stop_reason
+                        outcome.output_tokens = event.usage.output_tokens
+                        if event.usage.input_tokens is not None:
+                            outcome.input_tokens = _total_input(event.usage)
+                    elif event.type == "message_stop":
+                        stopped = True
+        except ChatError:
+            raise
+        except Exception as exc:
+            raise _sort(exc) from exc
+        if not stopped or outcome.stop_reason is None:
+            # A clean end of body without message_stop raises nothing in the SDK (§2.4).
+            raise UpstreamUnavailableError(
+                "the model's reply was interrupted", metadata={"cause": "truncated"}
+            )
+
+
+def _total_input(usage: anthropic.types.Usage | anthropic.types.MessageDeltaUsage) -> int:
+    return (
+        (usage.input_tokens or 0)
+        + (usage.cache_creation_input_tokens or 0)
+        + (usage.cache_read_input_tokens or 0)
+    )
+
+
+def _sort(exc: Exception) -> ChatError:
+    """Transient upstream trouble becomes UNAVAILABLE; anything else is our problem (INTERNAL)."""
+    if isinstance(exc, anthropic.APIStatusError):
+        if exc.status_code == 200:
+            # A mid-stream `event: error`: sort by its type, never by the 200 (§4).
+            if exc.type in _TRANSIENT_STREAM_ERRORS:
+                return UpstreamUnavailableError(
+                    "the model is temporarily unavailable", metadata={"cause": exc.type or ""}
+                )
+        elif exc.status_code in (408, 409, 429) or exc.status_code >= 500:
+            return UpstreamUnavailableError(
+                "the model is temporarily unavailable",
+                retry_after=_retry_after(exc.response),
+                metadata={"cause": str(exc.status_code)},
+            )
+        logger.error("upstream rejected the request: status=%s type=%s", exc.status_code, exc.type)
+        return InternalError("internal error")
+    if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
+        return UpstreamUnavailableError(
+            "the model is temporarily unavailable", metadata={"cause": "connection"}
+        )
+    if isinstance(exc, AssertionError | IndexError | AttributeError | json.JSONDecodeError):
+        logger.error("upstream sent a malformed stream: %r", exc)
+        return InternalError("internal error")
+    logger.error("unexpected upstream failure: %r", exc)
+    return InternalError("internal error")
+
+
+def _retry_after(response: httpx2.Response) -> timedelta:
+    """The upstream's own retry hint, bounded to something a caller can use."""
+    for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = response.headers.get(header)
+        if raw:
+            try:
+                seconds = float(raw) * scale
+            except ValueError:
+                continue
+            if seconds > 0:
+                return timedelta(seconds=min(seconds, 60.0))
+    return timedelta(seconds=1)

@@ -1,0 +1,142 @@
+"""ChatServicer: one method per RPC that validates, calls a use case and converts."""
+
+from __future__ import annotations
+
+import grpc
+from chatstream.v1 import chat_service_pb2 as pb
+from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
+
+from server import convert
+from server.auth import Authenticator
+from server.config import Settings
+from server.conversations import ConversationService
+from server.domain import TurnEvent
+from server.errors import abort_on_error
+from server.turns import ChatInput, TurnRunner
+
+
+class ChatServicer(pb_grpc.ChatServiceServicer):
+    """The chatstream.v1.ChatService implementation. No SQL and no Redis here."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        authenticator: Authenticator,
+        turns: TurnRunner,
+        conversations: ConversationService,
+    ) -> None:
+        self._settings = settings
+        self._auth = authenticator
+        self._turns = turns
+        self._conversations = conversations
+
+    # mypy-protobuf types streaming handlers as iterators only; grpc.aio also accepts a
+    # coroutine that writes with context.write() (grpc/aio/_base_server.py
+    # ServicerContext.write), which is what gives us cancellation in our own code.
+    async def Chat(  # type: ignore[override]
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[pb.ChatRequest, pb.ChatResponse]
+    ) -> None:
+        """Streams one turn. A coroutine handler, not an async generator, so that a
+        cancellation surfaces inside TurnRunner, where the partial turn is recorded."""
+        async with abort_on_error(context):
+            owner = self._auth.owner(context)
+            chat = ChatInput(
+                owner=owner,
+                conversation_id=(
+                    convert.parse_conversation_name(request.conversation, field="conversation")
+                    if request.conversation
+                    else None
+                ),
+                text=convert.parse_text(request.text, max_chars=self._settings.max_text_chars),
+                request_id=convert.parse_request_id(request.request_id),
+            )
+            seq = 0
+
+            async def emit(event: TurnEvent) -> None:
+                nonlocal seq
+                seq += 1
+                await context.write(convert.event_to_proto(seq, event))
+
+            await self._turns.run(chat, emit)
+
+    async def CreateConversation(
+        self,
+        request: pb.CreateConversationRequest,
+        context: grpc.aio.ServicerContext[pb.CreateConversationRequest, pb.CreateConversationResponse],
+    ) -> pb.CreateConversationResponse:
+        """Creates a conversation, idempotently on request_id."""
+        async with abort_on_error(context):
+            owner = self._auth.owner(context)
+            conversation_id = (
+                convert.parse_conversation_id(request.conversation_id, field="conversation_id")
+                if request.conversation_id
+                else None
+            )
+            request_id = convert.parse_request_id(request.request_id)
+            created = await self._conversations.create(
+                owner=owner, conversation_id=conversation_id, request_id=request_id
+            )
+            return pb.CreateConversationResponse(conversation=convert.conversation_to_proto(created))
+        raise AssertionError("unreachable: abort_on_error aborts")
+
+    async def GetConversation(
+        self,
+        request: pb.GetConversationRequest,
+        context: grpc.aio.ServicerContext[pb.GetConversationRequest, pb.GetConversationResponse],
+    ) -> pb.GetConversationResponse:
+        """Returns one of the caller's conversations."""
+        async with abort_on_error(context):
+            owner = self._auth.owner(context)
+            conversation_id = convert.parse_conversation_name(request.name, field="name")
+            found = await self._conversations.get(owner=owner, conversation_id=conversation_id)
+            return pb.GetConversationResponse(conversation=convert.conversation_to_proto(found))
+        raise AssertionError("unreachable: abort_on_error aborts")
+
+    async def ListConversations(
+        self,
+        request: pb.ListConversationsRequest,
+        context: grpc.aio.ServicerContext[pb.ListConversationsRequest, pb.ListConversationsResponse],
+    ) -> pb.ListConversationsResponse:
+        """A page of the caller's conversations."""
+        async with abort_on_error(context):
+            owner = self._auth.owner(context)
+            page = await self._conversations.list(
+                owner=owner, size=request.page_size, token=request.page_token
+            )
+            return pb.ListConversationsResponse(
+                conversations=[convert.conversation_to_proto(c) for c in page.items],
+                next_page_token=page.next_page_token,
+            )
+        raise AssertionError("unreachable: abort_on_error aborts")
+
+    async def DeleteConversation(
+        self,
+        request: pb.DeleteConversationRequest,
+        context: grpc.aio.ServicerContext[pb.DeleteConversationRequest, pb.DeleteConversationResponse],
+    ) -> pb.DeleteConversationResponse:
+        """Deletes one of the caller's conversations."""
+        async with abort_on_error(context):
+            owner = self._auth.owner(context)
+            conversation_id = convert.parse_conversation_name(request.name, field="name")
+            await self._conversations.delete(owner=owner, conversation_id=conversation_id)
+            return pb.DeleteConversationResponse()
+        raise AssertionError("unreachable: abort_on_error aborts")
+
+    async def ListMessages(
+        self,
+        request: pb.ListMessagesRequest,
+        context: grpc.aio.ServicerContext[pb.ListMessagesRequest, pb.ListMessagesResponse],
+    ) -> pb.ListMessagesResponse:
+        """A page of a conversation's persisted messages."""
+        async with abort_on_error(context):
+            owner = self._auth.owner(context)
+            conversation_id = convert.parse_conversation_name(request.parent, field="parent")
+            page = await self._conversations.list_messages(
+                owner=owner, conversation_id=conversation_id, size=request.page_size, token=request.page_token
+            )
+            return pb.ListMessagesResponse(
+                messages=[convert.message_to_proto(m) for m in page.items],
+                next_page_token=page.next_page_token,
+            )
+        raise AssertionError("unreachable: abort_on_error aborts")
