@@ -1,0 +1,417 @@
+"""AsyncChatClient: ChatService over a `grpc.aio` channel."""
+
+# ASYNC109 prefers asyncio.timeout to a `timeout` argument, but ours becomes the gRPC deadline:
+# it travels to the server, which stops the turn's work when it passes; a local timeout cannot.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+
+from chatstream._common import (
+    DEFAULT_RETRY_POLICY,
+    ChatReply,
+    ClientState,
+    Deadline,
+    ReplyBuilder,
+    RetryPolicy,
+    call_metadata,
+    channel_options,
+    chat_request,
+    chat_retry_delay_s,
+    check_enter,
+    check_open,
+    new_request_id,
+    seconds,
+)
+from chatstream._errors import ChatClientError
+from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+
+class AsyncChatClient:
+    """Asynchronous client for `chatstream.v1.ChatService`.
+
+    Create it inside a running event loop and close it once, preferably with `async with`.
+    Every failed call raises `ChatClientError`. Reads (get and list) are retried by gRPC on
+    UNAVAILABLE; `chat` retries UNAVAILABLE itself, but only before its first event.
+
+    Example:
+        async with AsyncChatClient("localhost:50051", metadata=[("authorization", "Bearer t")]) as client:
+            async for event in client.chat("Hello!"):
+                print(event)
+    """
+
+    _channel: grpc.aio.Channel
+    _owns_channel: bool
+    _stub: chat_service_pb2_grpc.ChatServiceAsyncStub
+    _metadata: tuple[tuple[str, str], ...]
+    _timeout: timedelta | None
+    _chat_timeout: timedelta | None
+    _retry_policy: RetryPolicy
+    _state: ClientState
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: timedelta | None = timedelta(seconds=30),
+        chat_timeout: timedelta | None = timedelta(minutes=5),
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        """Opens a channel to `target`; the client owns it and closes it in `close`.
+
+        Args:
+            target: The server address, e.g. `chat.internal:443` or `localhost:50051`.
+            credentials: TLS credentials (`grpc.ssl_channel_credentials()`); None for plaintext.
+            metadata: Sent with every call, e.g. `[("authorization", "Bearer ...")]`.
+            timeout: Default deadline of unary calls, and of each page of a list; None for none.
+            chat_timeout: Default deadline of a whole `chat` call, retries included; None for none.
+            retry_policy: How `chat` retries UNAVAILABLE before its first event.
+            options: Extra gRPC channel options; a key given here replaces the client's own
+                (`grpc.service_config`, `grpc.enable_retries`).
+        """
+        merged = channel_options(options)
+        channel = (
+            grpc.aio.insecure_channel(target, options=merged)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials, options=merged)
+        )
+        self._setup(
+            channel,
+            owns_channel=True,
+            metadata=metadata,
+            timeout=timeout,
+            chat_timeout=chat_timeout,
+            retry_policy=retry_policy,
+        )
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: grpc.aio.Channel,
+        *,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: timedelta | None = timedelta(seconds=30),
+        chat_timeout: timedelta | None = timedelta(minutes=5),
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    ) -> Self:
+        """A client over a channel the caller built and keeps owning; `close` leaves it open.
+
+        Reads are retried by gRPC only if the channel was built with a service config that
+        says so; the other arguments are as in the constructor.
+        """
+        client = cls.__new__(cls)
+        client._setup(
+            channel,
+            owns_channel=False,
+            metadata=metadata,
+            timeout=timeout,
+            chat_timeout=chat_timeout,
+            retry_policy=retry_policy,
+        )
+        return client
+
+    def _setup(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        owns_channel: bool,
+        metadata: Sequence[tuple[str, str]],
+        timeout: timedelta | None,
+        chat_timeout: timedelta | None,
+        retry_policy: RetryPolicy,
+    ) -> None:
+        self._channel = channel
+        self._owns_channel = owns_channel
+        self._stub = chat_service_pb2_grpc.ChatServiceStub(channel)
+        self._metadata = call_metadata(metadata)
+        self._timeout = timeout
+        self._chat_timeout = chat_timeout
+        self._retry_policy = retry_policy
+        self._state = ClientState.UNOPENED
+
+    async def __aenter__(self) -> Self:
+        check_enter(self._state)
+        self._state = ClientState.OPENED
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel if the client owns it, cancelling calls in flight. Idempotent."""
+        if self._state is ClientState.CLOSED:
+            return
+        self._state = ClientState.CLOSED
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def chat(
+        self,
+        text: str,
+        *,
+        conversation: str = "",
+        request_id: str | None = None,
+        timeout: timedelta | None = None,
+    ) -> AsyncGenerator[chat_service_pb2.TurnEvent, None]:
+        """Sends one user message and yields the events of the assistant's reply.
+
+        The events are one `started`, zero or more `text_delta`, then `completed`. If the
+        call fails with UNAVAILABLE before the first event it is retried per the client's
+        `RetryPolicy` with the same `request_id`, so the model never runs twice; once an
+        event has been yielded, a failure is raised as is.
+
+        Leaving the loop early cancels the call, and the server records the turn as
+        cancelled. A `break` cancels it when the generator is collected; wrap the call in
+        `contextlib.aclosing` to cancel at once.
+
+        Args:
+            text: The user's message.
+            conversation: `conversations/{conversation}` to continue; "" starts a new one.
+            request_id: Idempotency key; a new UUID4 by default. Pass the same key to resume
+                a call that failed: a completed turn is replayed, not regenerated.
+            timeout: Deadline of the whole call, retries included; None uses `chat_timeout`.
+
+        Yields:
+            Each `TurnEvent` as it arrives.
+
+        Raises:
+            ChatClientError: The call failed (after retries, where they apply).
+        """
+        # An async generator rather than AsyncIterator so callers can `aclose()` it: the
+        # call holds a server-side turn open between events.
+        check_open(self._state)
+        request = chat_request(text, conversation=conversation, request_id=request_id)
+        deadline = Deadline.after(seconds(timeout, self._chat_timeout))
+        attempt = 0
+        while True:
+            attempt += 1
+            call = self._stub.Chat(request, timeout=deadline.remaining_s(), metadata=self._metadata)
+            received = 0
+            try:
+                async for response in call:
+                    received += 1
+                    yield response.event
+                return
+            except grpc.aio.AioRpcError as rpc_error:
+                error = ChatClientError.from_rpc_error(rpc_error)
+                delay_s = chat_retry_delay_s(
+                    self._retry_policy,
+                    attempt=attempt,
+                    events_received=received,
+                    error=error,
+                    deadline=deadline,
+                )
+                if delay_s is None:
+                    raise error from rpc_error
+            finally:
+                # A no-op once the call has ended; otherwise the consumer left early (aclose,
+                # break, its own exception or cancellation) and the server should stop the turn.
+                call.cancel()
+            await asyncio.sleep(delay_s)
+
+    async def chat_reply(
+        self,
+        text: str,
+        *,
+        conversation: str = "",
+        request_id: str | None = None,
+        timeout: timedelta | None = None,
+    ) -> ChatReply:
+        """Sends one user message and returns the whole reply once the turn has completed.
+
+        Args and retries are those of `chat`.
+
+        Returns:
+            The turn's reply text, outcome, usage and resource names.
+
+        Raises:
+            ChatClientError: The call failed, or the stream ended without a `completed` event.
+        """
+        builder = ReplyBuilder()
+        events = self.chat(text, conversation=conversation, request_id=request_id, timeout=timeout)
+        try:
+            async for event in events:
+                builder.add(event)
+        finally:
+            await events.aclose()
+        return builder.build()
+
+    async def create_conversation(
+        self,
+        *,
+        conversation_id: str = "",
+        request_id: str | None = None,
+        timeout: timedelta | None = None,
+    ) -> chat_service_pb2.Conversation:
+        """Creates an empty conversation.
+
+        Not retried automatically. It is idempotent on `request_id`: after an UNAVAILABLE or
+        DEADLINE_EXCEEDED the caller may call again with the same `request_id` and gets the
+        conversation created the first time.
+
+        Args:
+            conversation_id: The id to give it (a UUID); generated by the server when "".
+            request_id: Idempotency key; a new UUID4 by default.
+            timeout: Deadline of the call; None uses the client's `timeout`.
+
+        Returns:
+            The conversation.
+
+        Raises:
+            ChatClientError: ALREADY_EXISTS (reason `CONVERSATION_EXISTS`) if the id is taken,
+                INVALID_ARGUMENT for a malformed id, or another failure.
+        """
+        request = chat_service_pb2.CreateConversationRequest(
+            conversation_id=conversation_id,
+            request_id=new_request_id() if request_id is None else request_id,
+        )
+        response = await self._unary(self._stub.CreateConversation, request, timeout)
+        return response.conversation
+
+    async def get_conversation(
+        self, name: str, *, timeout: timedelta | None = None
+    ) -> chat_service_pb2.Conversation:
+        """Returns one conversation.
+
+        Args:
+            name: `conversations/{conversation}`.
+            timeout: Deadline of the call, gRPC retries included; None uses the client's `timeout`.
+
+        Raises:
+            ChatClientError: NOT_FOUND (reason `CONVERSATION_NOT_FOUND`) if it does not exist
+                or belongs to someone else, or another failure.
+        """
+        request = chat_service_pb2.GetConversationRequest(name=name)
+        response = await self._unary(self._stub.GetConversation, request, timeout)
+        return response.conversation
+
+    async def delete_conversation(self, name: str, *, timeout: timedelta | None = None) -> None:
+        """Deletes a conversation with its turns and messages. Not retried automatically.
+
+        Args:
+            name: `conversations/{conversation}`.
+            timeout: Deadline of the call; None uses the client's `timeout`.
+
+        Raises:
+            ChatClientError: NOT_FOUND if it does not exist (also when a retry follows a
+                delete that did succeed), or another failure.
+        """
+        request = chat_service_pb2.DeleteConversationRequest(name=name)
+        await self._unary(self._stub.DeleteConversation, request, timeout)
+
+    async def list_conversations(
+        self, *, page_size: int = 0, timeout: timedelta | None = None
+    ) -> AsyncIterator[chat_service_pb2.Conversation]:
+        """Yields all the caller's conversations, most recently created first, page by page.
+
+        Args:
+            page_size: Conversations per page; 0 lets the server choose (50).
+            timeout: Deadline of each page; None uses the client's `timeout`.
+
+        Raises:
+            ChatClientError: A page could not be read.
+        """
+        page_token = ""
+        while True:
+            page = await self.list_conversations_page(
+                page_size=page_size, page_token=page_token, timeout=timeout
+            )
+            for conversation in page.conversations:
+                yield conversation
+            if not page.next_page_token:
+                return
+            page_token = page.next_page_token
+
+    async def list_conversations_page(
+        self, *, page_size: int = 0, page_token: str = "", timeout: timedelta | None = None
+    ) -> chat_service_pb2.ListConversationsResponse:
+        """Returns one page of the caller's conversations.
+
+        Args:
+            page_size: At most this many; 0 means 50, above 1000 means 1000.
+            page_token: `next_page_token` of the previous page; "" for the first.
+            timeout: Deadline of the call, gRPC retries included; None uses the client's `timeout`.
+
+        Raises:
+            ChatClientError: INVALID_ARGUMENT for a bad page size or token, or another failure.
+        """
+        request = chat_service_pb2.ListConversationsRequest(page_size=page_size, page_token=page_token)
+        return await self._unary(self._stub.ListConversations, request, timeout)
+
+    async def list_messages(
+        self, parent: str, *, page_size: int = 0, timeout: timedelta | None = None
+    ) -> AsyncIterator[chat_service_pb2.Message]:
+        """Yields all the messages of a conversation, in order, page by page.
+
+        Eventually consistent: the messages of a turn appear shortly after it completes.
+
+        Args:
+            parent: `conversations/{conversation}`.
+            page_size: Messages per page; 0 lets the server choose (50).
+            timeout: Deadline of each page; None uses the client's `timeout`.
+
+        Raises:
+            ChatClientError: NOT_FOUND for an unknown conversation, or a page could not be read.
+        """
+        page_token = ""
+        while True:
+            page = await self.list_messages_page(
+                parent, page_size=page_size, page_token=page_token, timeout=timeout
+            )
+            for message in page.messages:
+                yield message
+            if not page.next_page_token:
+                return
+            page_token = page.next_page_token
+
+    async def list_messages_page(
+        self, parent: str, *, page_size: int = 0, page_token: str = "", timeout: timedelta | None = None
+    ) -> chat_service_pb2.ListMessagesResponse:
+        """Returns one page of a conversation's messages.
+
+        Args:
+            parent: `conversations/{conversation}`.
+            page_size: At most this many; 0 means 50, above 1000 means 1000.
+            page_token: `next_page_token` of the previous page; "" for the first.
+            timeout: Deadline of the call, gRPC retries included; None uses the client's `timeout`.
+
+        Raises:
+            ChatClientError: NOT_FOUND for an unknown conversation, INVALID_ARGUMENT for a bad
+                page size or token, or another failure.
+        """
+        request = chat_service_pb2.ListMessagesRequest(
+            parent=parent, page_size=page_size, page_token=page_token
+        )
+        return await self._unary(self._stub.ListMessages, request, timeout)
+
+    async def _unary(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: timedelta | None,
+    ) -> _Response:
+        # The one place a unary AioRpcError becomes a ChatClientError. CancelledError is a
+        # BaseException and passes through.
+        check_open(self._state)
+        try:
+            return await method(request, timeout=seconds(timeout, self._timeout), metadata=self._metadata)
+        except grpc.aio.AioRpcError as rpc_error:
+            raise ChatClientError.from_rpc_error(rpc_error) from rpc_error

@@ -1,0 +1,240 @@
+"""What the sync and async clients share: channel options, requests, retry timing, reply assembly."""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Final, Self
+
+import grpc
+
+from chatstream._errors import ChatClientError
+from chatstream.v1 import chat_service_pb2
+
+SERVICE_NAME: Final = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+# Reads have no side effect, so gRPC may replay them transparently; mutations are left to the
+# caller (Create is idempotent through request_id, Delete reports NOT_FOUND the second time).
+_RETRIED_READS: Final = ("GetConversation", "ListConversations", "ListMessages")
+
+SERVICE_CONFIG: Final = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE_NAME, "method": method} for method in _RETRIED_READS],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How `chat` retries a call that failed with UNAVAILABLE before its first event.
+
+    A retry reuses the call's `request_id`, so the server never runs the model twice for it.
+    Once an event has arrived the call is never retried: the caller has already seen part
+    of the turn.
+    """
+
+    max_attempts: int = 4
+    """Attempts in total, the first one included; 1 disables retries."""
+    initial_backoff: timedelta = timedelta(milliseconds=100)
+    """Upper bound of the random wait before the first retry."""
+    max_backoff: timedelta = timedelta(seconds=2)
+    """Cap on the upper bound of any wait."""
+    backoff_multiplier: float = 2.0
+    """Growth of the upper bound from one retry to the next."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.backoff_multiplier < 1:
+            raise ValueError(f"backoff_multiplier must be at least 1, got {self.backoff_multiplier}")
+
+    def backoff_s(self, attempt: int) -> float:
+        """The wait after failed attempt `attempt` (1-based): full jitter, as gRPC's own retries do."""
+        ceiling = min(
+            self.max_backoff.total_seconds(),
+            self.initial_backoff.total_seconds() * self.backoff_multiplier ** (attempt - 1),
+        )
+        return random.uniform(0, ceiling)
+
+
+DEFAULT_RETRY_POLICY: Final = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatReply:
+    """A whole turn, as returned by `chat_reply`."""
+
+    conversation: str
+    """Resource name of the conversation, `conversations/{conversation}`."""
+    turn: str
+    """Resource name of the turn, `conversations/{conversation}/turns/{turn}`."""
+    text: str
+    """The assistant's reply: every `text_delta` of the turn, concatenated."""
+    status: chat_service_pb2.TurnStatus.ValueType
+    """How the turn ended, normally `TurnStatus.TURN_STATUS_COMPLETED`."""
+    stop_reason: str
+    """The model's stop reason, e.g. `end_turn` or `max_tokens`."""
+    usage: chat_service_pb2.Usage
+    """Token counts for the turn."""
+    model: str
+    """The model that produced the reply."""
+    replay: bool
+    """True when the server replayed a turn already stored for this `request_id`."""
+    events: int
+    """How many events the stream carried."""
+
+
+class ReplyBuilder:
+    """Folds the events of one turn into a `ChatReply`."""
+
+    __slots__ = ("_completed", "_events", "_started", "_text")
+
+    def __init__(self) -> None:
+        self._started: chat_service_pb2.TurnStarted | None = None
+        self._completed: chat_service_pb2.TurnCompleted | None = None
+        self._text: list[str] = []
+        self._events = 0
+
+    def add(self, event: chat_service_pb2.TurnEvent) -> None:
+        """Takes the next event of the stream."""
+        self._events += 1
+        match event.WhichOneof("kind"):
+            case "started":
+                self._started = event.started
+            case "text_delta":
+                self._text.append(event.text_delta.text)
+            case "completed":
+                self._completed = event.completed
+            case None:
+                # An event kind added to the proto after this client was built: skip it.
+                pass
+
+    def build(self) -> ChatReply:
+        """The reply; raises ChatClientError if the stream ended without `started` and `completed`."""
+        if self._started is None or self._completed is None:
+            # The server ends every successful stream with `completed`; a clean end without it
+            # is a broken contract, not a turn the caller should mistake for a whole reply.
+            raise ChatClientError(
+                grpc.StatusCode.INTERNAL,
+                f"the chat stream ended after {self._events} events without a completed event",
+            )
+        usage = chat_service_pb2.Usage()
+        usage.CopyFrom(self._completed.usage)
+        return ChatReply(
+            conversation=self._started.conversation,
+            turn=self._started.turn,
+            text="".join(self._text),
+            status=self._completed.status,
+            stop_reason=self._completed.stop_reason,
+            usage=usage,
+            model=self._completed.model,
+            replay=self._started.replay,
+            events=self._events,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """A point in time (monotonic clock) that spans all the attempts of one call, or none."""
+
+    at: float | None
+
+    @classmethod
+    def after(cls, timeout_s: float | None) -> Self:
+        """The deadline `timeout_s` from now; `None` means no deadline."""
+        return cls(None if timeout_s is None else time.monotonic() + timeout_s)
+
+    def remaining_s(self) -> float | None:
+        """Seconds left (never negative), or `None` without a deadline."""
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+
+def chat_retry_delay_s(
+    policy: RetryPolicy, *, attempt: int, events_received: int, error: ChatClientError, deadline: Deadline
+) -> float | None:
+    """How long to wait before retrying a failed `Chat` attempt, or `None` to give up.
+
+    Only UNAVAILABLE before the first event is retried [AIP-194]: after that the caller has
+    consumed part of the turn, and the same request_id would replay it from the start or
+    return ABORTED. The server's RetryInfo, when present, is a lower bound on the wait.
+    """
+    if error.code is not grpc.StatusCode.UNAVAILABLE or events_received or attempt >= policy.max_attempts:
+        return None
+    delay_s = policy.backoff_s(attempt)
+    if error.retry_delay is not None:
+        delay_s = max(delay_s, error.retry_delay.total_seconds())
+    remaining_s = deadline.remaining_s()
+    if remaining_s is not None and delay_s >= remaining_s:
+        return None
+    return delay_s
+
+
+class ClientState(enum.Enum):
+    """Where a client is in its life: it opens once and closes once [httpx ClientState]."""
+
+    UNOPENED = enum.auto()
+    OPENED = enum.auto()
+    CLOSED = enum.auto()
+
+
+def check_enter(state: ClientState) -> None:
+    """Refuses a second `with`, or a `with` on a closed client."""
+    if state is ClientState.OPENED:
+        raise RuntimeError("a chatstream client can be entered only once")
+    if state is ClientState.CLOSED:
+        raise RuntimeError("a closed chatstream client cannot be reopened")
+
+
+def check_open(state: ClientState) -> None:
+    """Refuses a call on a closed client, which gRPC would report with a less helpful error."""
+    if state is ClientState.CLOSED:
+        raise RuntimeError("this chatstream client is closed")
+
+
+def seconds(timeout: timedelta | None, default: timedelta | None) -> float | None:
+    """The per-call timeout in seconds as gRPC wants it; `None` falls back to the client default."""
+    chosen = default if timeout is None else timeout
+    return None if chosen is None else chosen.total_seconds()
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key."""
+    return str(uuid.uuid4())
+
+
+def chat_request(text: str, *, conversation: str, request_id: str | None) -> chat_service_pb2.ChatRequest:
+    """The request of one `Chat` call; every retry of the call sends this same request."""
+    return chat_service_pb2.ChatRequest(
+        conversation=conversation,
+        text=text,
+        request_id=new_request_id() if request_id is None else request_id,
+    )
+
+
+def channel_options(options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    """The client's channel options: retries for reads, overridable key by key by the caller's."""
+    merged: dict[str, object] = {"grpc.enable_retries": 1, "grpc.service_config": SERVICE_CONFIG}
+    merged.update(options)
+    return list(merged.items())
+
+
+def call_metadata(metadata: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Static metadata as the tuple gRPC expects; keys must be lowercase on the wire."""
+    return tuple((key.lower(), value) for key, value in metadata)
