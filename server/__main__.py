@@ -19,7 +19,9 @@ logger = logging.getLogger("server")
 
 def _configure_logging() -> None:
     level = os.environ.get("CHATSTREAM_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     # httpx2 logs every upstream request at INFO; that is noise at our default level.
     logging.getLogger("httpx2").setLevel(logging.WARNING)
 
@@ -93,7 +95,7 @@ async def _consume(settings: Settings, *, burst: bool) -> None:
     "--data-dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Where embedded PostgreSQL and Redis keep their data (default: $CHATSTREAM_DEV_DIR or .chatstream/).",
+    help="Data folder of embedded PostgreSQL and Redis (default: $CHATSTREAM_DEV_DIR or .chatstream/).",
 )
 def dev(listen: str | None, data_dir: Path | None) -> None:
     """Run everything locally: embedded PostgreSQL and Redis, migrations, server and consumer."""

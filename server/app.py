@@ -66,6 +66,7 @@ class ChatServer:
         self._health = HealthServicer()
         self._port = 0
         self._stopped = asyncio.Event()
+        self._runner: TurnRunner | None = None
 
     @property
     def port(self) -> int:
@@ -99,6 +100,7 @@ class ChatServer:
             context=context,
             publisher=TurnPublisher(redis, shards=settings.shards),
         )
+        self._runner = runner
         servicer = ChatServicer(
             settings=settings,
             authenticator=self._authenticator,
@@ -140,6 +142,10 @@ class ChatServer:
             await self._health.enter_graceful_shutdown()
             if self._server is not None:
                 await self._server.stop(grace)
+            if self._runner is not None:
+                # Cancelled calls record their turns in shielded tasks that outlive the
+                # call; the pools they use must stay open until they are done.
+                await self._runner.drain()
         finally:
             await self._stack.aclose()
 

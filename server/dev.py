@@ -84,10 +84,10 @@ def _print_banner(address: str, data_dir: Path, demo: bool) -> None:
         "Try it with grpcurl:",
         f"  grpcurl -plaintext {address} list",
         f"  grpcurl -plaintext {address} describe chatstream.v1.ChatService",
-        f"  grpcurl -plaintext -d '{{\"text\":\"hello\"}}' {address} chatstream.v1.ChatService/Chat",
-        f"  grpcurl -plaintext -d '{{\"parent\":\"conversations/<id>\"}}' {address} "
+        f'  grpcurl -plaintext -d \'{{"text":"hello"}}\' {address} chatstream.v1.ChatService/Chat',
+        f'  grpcurl -plaintext -d \'{{"parent":"conversations/<id>"}}\' {address} '
         "chatstream.v1.ChatService/ListMessages",
     ]
     if demo:
         lines.insert(0, _DEMO_BANNER)
-    print("\n".join(lines), flush=True)  # noqa: T201 - this is the command's output
+    print("\n".join(lines), flush=True)

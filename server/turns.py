@@ -66,6 +66,7 @@ class TurnRunner:
         self._llm = llm
         self._context = context
         self._publisher = publisher
+        self._finishing: set[asyncio.Task[Turn]] = set()
 
     async def run(self, request: ChatInput, emit: Emit) -> None:
         """Runs one turn, sending its events through ``emit``.
@@ -94,17 +95,14 @@ class TurnRunner:
                     parts.append(chunk)
                     await emit(TextDelta(text=chunk))
         except asyncio.CancelledError:
-            # The client went away or its deadline passed. Record what was produced;
-            # shielded so the outcome is stored even though this task is cancelled.
-            await asyncio.shield(
-                self._finish(turn, history, "".join(parts), TurnStatus.CANCELLED, outcome, "CANCELLED")
+            # The client went away or its deadline passed: record what was produced.
+            await self._finish_shielded(
+                turn, history, "".join(parts), TurnStatus.CANCELLED, outcome, "CANCELLED"
             )
             raise
         except Exception as exc:
             err = classify(exc)
-            await asyncio.shield(
-                self._finish(turn, history, "".join(parts), TurnStatus.FAILED, outcome, err.reason)
-            )
+            await self._finish_shielded(turn, history, "".join(parts), TurnStatus.FAILED, outcome, err.reason)
             raise err from exc
 
         stored = await self._finish(turn, history, "".join(parts), TurnStatus.COMPLETED, outcome, None)
@@ -199,6 +197,29 @@ class TurnRunner:
                 status=turn.status, stop_reason=turn.stop_reason or "", usage=turn.usage, model=turn.model
             )
         )
+
+    async def _finish_shielded(
+        self,
+        turn: Turn,
+        history: list[Exchange],
+        text: str,
+        status: TurnStatus,
+        outcome: ReplyOutcome,
+        error_reason: str | None,
+    ) -> None:
+        """``_finish`` in a task of its own that a cancellation of the call cannot stop.
+
+        The task is tracked so that shutdown waits for it before closing the pools it uses.
+        """
+        task = asyncio.create_task(self._finish(turn, history, text, status, outcome, error_reason))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        """Waits for outcomes still being recorded for cancelled or failed calls."""
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
 
     async def _finish(
         self,

@@ -22,8 +22,8 @@ from chatstream import AsyncChatClient
 
 from server.app import ChatServer, create_redis
 from server.config import Settings
-from server.consumer.worker import PersistenceWorker, WorkerStats
 from server.constants import turns_stream
+from server.consumer.worker import PersistenceWorker, WorkerStats
 from server.db.engine import create_engine, create_sessionmaker
 from server.db.migrate import upgrade
 from server.embedded import embedded_services
@@ -52,10 +52,12 @@ def services() -> Iterator[Services]:
         yield Services(database_url=database_url, redis_url=redis_url)
         return
     # A short path: Unix socket paths are limited to about 100 bytes.
-    with tempfile.TemporaryDirectory(prefix="cs-", dir="/tmp") as data_dir:
-        with embedded_services(Path(data_dir)) as embedded:
-            upgrade(embedded.database_url)
-            yield Services(database_url=embedded.database_url, redis_url=embedded.redis_url)
+    with (
+        tempfile.TemporaryDirectory(prefix="cs-", dir="/tmp") as data_dir,
+        embedded_services(Path(data_dir)) as embedded,
+    ):
+        upgrade(embedded.database_url)
+        yield Services(database_url=embedded.database_url, redis_url=embedded.redis_url)
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +189,9 @@ async def stream_lengths(redis_client: aioredis.Redis, shards: int = 4) -> list[
     return [await redis_client.xlen(turns_stream(k)) for k in range(shards)]
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 5.0, what: str = "condition") -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout_s: float = 5.0, what: str = "condition"
+) -> None:
     """Polls ``check`` until it holds; fails the test after ``timeout_s``. Never a fixed sleep."""
     import asyncio
     import time

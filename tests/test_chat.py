@@ -20,12 +20,16 @@ def _id(name: str) -> uuid.UUID:
     return uuid.UUID(name.rsplit("/", 1)[1])
 
 
-async def _collect(client: AsyncChatClient, text: str, **kwargs: str) -> list[TurnEvent]:
-    return [event async for event in client.chat(text, **kwargs)]
+async def _collect(client: AsyncChatClient, text: str) -> list[TurnEvent]:
+    return [event async for event in client.chat(text)]
 
 
 async def test_full_turn_streams_events_and_persists_both_messages(
-    client: AsyncChatClient, fake: FakeAnthropic, consume: Consume, db: asyncpg.Connection, redis: aioredis.Redis
+    client: AsyncChatClient,
+    fake: FakeAnthropic,
+    consume: Consume,
+    db: asyncpg.Connection,
+    redis: aioredis.Redis,
 ) -> None:
     fake.script(Stream(["Hel", "lo", " there"], input_tokens=9, output_tokens=3))
 
@@ -45,7 +49,8 @@ async def test_full_turn_streams_events_and_persists_both_messages(
 
     conversation_id = _id(events[0].started.conversation)
     rows = await db.fetch(
-        "SELECT role, text, turn_status FROM chat.messages WHERE conversation_id = $1 ORDER BY turn_seq, role",
+        "SELECT role, text, turn_status FROM chat.messages"
+        " WHERE conversation_id = $1 ORDER BY turn_seq, role",
         conversation_id,
     )
     assert [tuple(r) for r in rows] == [(1, "hi", "COMPLETED"), (2, "Hello there", "COMPLETED")]
@@ -74,7 +79,9 @@ async def test_conversation_and_turn_are_committed_before_the_first_delta(
 
         conversation_id = _id(first.started.conversation)
         turn_id = _id(first.started.turn)
-        conversation = await db.fetchrow("SELECT owner, turn_count FROM chat.conversations WHERE id = $1", conversation_id)
+        conversation = await db.fetchrow(
+            "SELECT owner, turn_count FROM chat.conversations WHERE id = $1", conversation_id
+        )
         assert conversation is not None
         assert conversation["turn_count"] == 1
         turn = await db.fetchrow(
@@ -135,8 +142,7 @@ async def test_second_turn_sends_first_turn_as_context_without_a_consumer(
     await client.chat_reply("third question", conversation=first.conversation)
 
     assert await db.fetchval("SELECT count(*) FROM chat.messages") == 0  # no consumer ran
-    bodies = [r.body for r in fake.requests]
-    assert bodies[0] is not None and bodies[1] is not None and bodies[2] is not None
+    bodies = [r.body or {} for r in fake.requests]
     assert bodies[1]["messages"] == [
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": "first answer"},

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from typing import cast
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, Role
 
@@ -13,9 +15,11 @@ from server.events import decode_turn
 from tests.conftest import Consume
 from tests.fake_anthropic import FakeAnthropic, Stream
 
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 
-async def _all_entries(redis: aioredis.Redis, shards: int = 4) -> dict[int, list[tuple[bytes, dict[bytes, bytes]]]]:
-    return {k: list(await redis.xrange(turns_stream(k))) for k in range(shards)}
+
+async def _all_entries(redis: aioredis.Redis, shards: int = 4) -> dict[int, StreamEntries]:
+    return {k: cast(StreamEntries, await redis.xrange(turns_stream(k))) for k in range(shards)}
 
 
 async def test_consuming_twice_or_redelivering_an_entry_keeps_one_row_per_turn_and_role(
@@ -35,7 +39,8 @@ async def test_consuming_twice_or_redelivering_an_entry_keeps_one_row_per_turn_a
             await redis.xadd(turns_stream(stream_k), fields)  # type: ignore[arg-type]
     stats = await consume()
 
-    assert stats.entries == 2 and stats.messages_inserted == 0
+    assert stats.entries == 2
+    assert stats.messages_inserted == 0
     rows = await db.fetch("SELECT turn_id, role, count(*) AS n FROM chat.messages GROUP BY turn_id, role")
     assert len(rows) == 4
     assert all(r["n"] == 1 for r in rows)
@@ -49,9 +54,10 @@ async def test_duplicate_message_rows_are_impossible_at_the_schema_level(
     await consume()
     row = await db.fetchrow("SELECT * FROM chat.messages LIMIT 1")
     assert row is not None
-    try:
+    with pytest.raises(asyncpg.UniqueViolationError) as caught:
         await db.execute(
-            "INSERT INTO chat.messages (id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)"
+            "INSERT INTO chat.messages"
+            " (id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             uuid.uuid4(),
             row["conversation_id"],
@@ -62,10 +68,7 @@ async def test_duplicate_message_rows_are_impossible_at_the_schema_level(
             row["turn_status"],
             row["created_at"],
         )
-    except asyncpg.UniqueViolationError as exc:
-        assert exc.constraint_name == "uq_messages_turn_role"
-    else:
-        raise AssertionError("a second row for the same (turn_id, role) was accepted")
+    assert caught.value.constraint_name == "uq_messages_turn_role"
 
 
 async def test_turns_of_a_conversation_are_listed_in_order_across_pages(
@@ -127,7 +130,9 @@ async def test_entries_published_before_any_consumer_existed_are_persisted(
 ) -> None:
     """The original incident: turns were published while no group existed."""
     await client.chat_reply("early")
-    groups = [await redis.xinfo_groups(turns_stream(k)) for k in range(4) if await redis.exists(turns_stream(k))]
+    groups = [
+        await redis.xinfo_groups(turns_stream(k)) for k in range(4) if await redis.exists(turns_stream(k))
+    ]
     assert all(g == [] for g in groups)  # nobody created the group yet
     await consume()
     assert await db.fetchval("SELECT count(*) FROM chat.messages") == 2
@@ -143,7 +148,7 @@ async def test_undecodable_entry_goes_to_the_dead_letter_stream_not_silently_ack
     stats = await consume()
 
     assert stats.dead_lettered == 2
-    dead = await redis.xrange(DEAD_LETTER_STREAM)
+    dead = cast(StreamEntries, await redis.xrange(DEAD_LETTER_STREAM))
     assert sorted(fields[b"dlq_source"] for _, fields in dead) == [b"chat:turns:{0}", b"chat:turns:{1}"]
     assert all(fields[b"dlq_error"] for _, fields in dead)
     for shard in range(4):
