@@ -12,7 +12,7 @@ from server.db import repository
 from server.db.engine import SessionMaker
 from server.domain import Conversation, Message
 from server.errors import AlreadyExistsError, IdempotencyKeyReusedError, InvalidArgumentError
-from server.pagination import decode_token, encode_token, page_size
+from server.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_token, encode_token, page_size
 
 T = TypeVar("T")
 
@@ -28,9 +28,18 @@ class Page(Generic[T]):
 class ConversationService:
     """Create, get, list and delete conversations; list their messages."""
 
-    def __init__(self, sessionmaker: SessionMaker, context: ContextStore) -> None:
+    def __init__(
+        self,
+        sessionmaker: SessionMaker,
+        context: ContextStore,
+        *,
+        default_page_size: int = DEFAULT_PAGE_SIZE,
+        max_page_size: int = MAX_PAGE_SIZE,
+    ) -> None:
         self._sessionmaker = sessionmaker
         self._context = context
+        self._default_page_size = default_page_size
+        self._max_page_size = max_page_size
 
     async def create(
         self, *, owner: str, conversation_id: uuid.UUID | None, request_id: str | None
@@ -71,7 +80,7 @@ class ConversationService:
 
     async def list(self, *, owner: str, size: int, token: str) -> Page[Conversation]:
         """A page of the owner's conversations, newest first."""
-        limit = page_size(size)
+        limit = page_size(size, default=self._default_page_size, maximum=self._max_page_size)
         bound = ["conversations", owner]
         cursor = decode_token(token, bound_to=bound)
         after: tuple[datetime, uuid.UUID] | None = None
@@ -101,7 +110,7 @@ class ConversationService:
         self, *, owner: str, conversation_id: uuid.UUID, size: int, token: str
     ) -> Page[Message]:
         """A page of the conversation's persisted messages, in order."""
-        limit = page_size(size)
+        limit = page_size(size, default=self._default_page_size, maximum=self._max_page_size)
         bound = ["messages", owner, str(conversation_id)]
         cursor = decode_token(token, bound_to=bound)
         after: tuple[int, int] | None = None

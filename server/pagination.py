@@ -16,13 +16,13 @@ MAX_PAGE_SIZE: Final = 1000
 Cursor = Sequence[str | int]
 
 
-def page_size(value: int) -> int:
+def page_size(value: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
     """AIP-158 bounds: 0 means the default, above the maximum is coerced, negative is invalid."""
     if value < 0:
         raise InvalidArgumentError.for_field("page_size", "must not be negative")
     if value == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(value, MAX_PAGE_SIZE)
+        return min(default, maximum)
+    return min(value, maximum)
 
 
 def _binding(parts: Sequence[str]) -> str:

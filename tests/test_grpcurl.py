@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,11 +14,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
+# The banner prints the dev API key inside the grpcurl flag a user would copy.
+_AUTH_FLAG = re.compile(r"-H 'authorization: Bearer (\S+)'")
 
 
 def _free_port() -> int:
@@ -27,8 +31,20 @@ def _free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class DevServer:
+    """Where `chatstream dev` listens, and the API key its banner printed."""
+
+    address: str
+    api_key: str
+
+    @property
+    def auth(self) -> list[str]:
+        return ["-H", f"authorization: Bearer {self.api_key}"]
+
+
 @pytest.fixture(scope="module")
-def dev_server() -> Iterator[str]:
+def dev_server() -> Iterator[DevServer]:
     address = f"127.0.0.1:{_free_port()}"
     data_dir = Path(tempfile.mkdtemp(prefix="cs-dev-", dir="/tmp"))  # short: it holds Unix sockets
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CHATSTREAM_"))}
@@ -47,12 +63,13 @@ def dev_server() -> Iterator[str]:
     reader.start()
     try:
         deadline = time.monotonic() + 60
-        while not any("chatstream dev server on" in line for line in list(output)):
+        while not (keys := [m[1] for line in list(output) if (m := _AUTH_FLAG.search(line))]):
             if time.monotonic() > deadline or process.poll() is not None:
                 raise AssertionError("dev server did not start:\n" + "".join(output))
             time.sleep(0.1)
+        assert any("chatstream dev server on" in line for line in output)
         assert any("DEMO MODEL" in line for line in output), "the demo-model banner must say so loudly"
-        yield address
+        yield DevServer(address=address, api_key=keys[0])
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -65,25 +82,31 @@ def dev_server() -> Iterator[str]:
         assert code == 0, "dev server did not stop cleanly on SIGINT"
 
 
+def _run_grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(GRPCURL), "-plaintext", *args], capture_output=True, text=True, timeout=30)
+
+
 def _grpcurl(*args: str) -> str:
-    result = subprocess.run([str(GRPCURL), "-plaintext", *args], capture_output=True, text=True, timeout=30)
+    result = _run_grpcurl(*args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def test_grpcurl_lists_the_service_through_reflection(dev_server: str) -> None:
-    services = _grpcurl(dev_server, "list").split()
+def test_grpcurl_lists_the_service_through_reflection_without_a_key(dev_server: DevServer) -> None:
+    services = _grpcurl(dev_server.address, "list").split()
     assert "chatstream.v1.ChatService" in services
     assert "grpc.health.v1.Health" in services
-    description = _grpcurl(dev_server, "describe", "chatstream.v1.ChatService")
+    description = _grpcurl(dev_server.address, "describe", "chatstream.v1.ChatService")
     assert (
         "rpc Chat ( .chatstream.v1.ChatRequest ) returns ( stream .chatstream.v1.ChatResponse )"
         in description
     )
 
 
-def test_grpcurl_streams_a_chat_reply_from_the_dev_server(dev_server: str) -> None:
-    out = _grpcurl("-d", '{"text":"hello"}', dev_server, "chatstream.v1.ChatService/Chat")
+def test_grpcurl_streams_a_chat_reply_from_the_dev_server(dev_server: DevServer) -> None:
+    out = _grpcurl(
+        *dev_server.auth, "-d", '{"text":"hello"}', dev_server.address, "chatstream.v1.ChatService/Chat"
+    )
     decoder = json.JSONDecoder()
     events = []
     index = 0
@@ -98,5 +121,12 @@ def test_grpcurl_streams_a_chat_reply_from_the_dev_server(dev_server: str) -> No
     assert len(deltas) >= 2
     assert "You said: hello" in "".join(deltas)
     assert events[-1]["completed"]["status"] == "TURN_STATUS_COMPLETED"
-    health = _grpcurl(dev_server, "grpc.health.v1.Health/Check")
+    health = _grpcurl(dev_server.address, "grpc.health.v1.Health/Check")
     assert "SERVING" in health
+
+
+def test_grpcurl_without_the_dev_key_is_unauthenticated(dev_server: DevServer) -> None:
+    result = _run_grpcurl("-d", '{"text":"hello"}', dev_server.address, "chatstream.v1.ChatService/Chat")
+    assert result.returncode != 0
+    assert "Unauthenticated" in result.stderr
+    assert "CREDENTIALS_MISSING" in result.stderr
