@@ -9,35 +9,90 @@ import signal
 
 import grpc
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exceptions
 from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from server.auth import Authenticator, SingleOwner
-from server.config import Settings
+from server import tls
+from server.auth import Authenticator, CredentialVerifier, CurrentPrincipal
+from server.config import AuthMode, Settings
 from server.context import ContextStore
 from server.conversations import ConversationService
 from server.db.engine import create_engine, create_sessionmaker
+from server.edge import EdgeInterceptor
+from server.limits import StreamLimiter
 from server.llm import LlmClient
+from server.metrics import Metrics, serve_metrics
 from server.publisher import TurnPublisher
 from server.servicer import ChatServicer
+from server.tracing import TracingInterceptor, configure_tracing, shutdown_tracing
 from server.turns import TurnRunner
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 
-# Bounds on what one peer can make us hold; the request-size limit is far above the
-# largest valid ChatRequest (32k characters of text is at most ~128 KiB of UTF-8).
-_SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_receive_message_length", 1024 * 1024),
-    ("grpc.max_send_message_length", 4 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.max_connection_age_grace_ms", 30_000),
-]
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Reachable without credentials: load-balancer probes and grpcurl's reflection.
+PUBLIC_SERVICES = frozenset(
+    {HEALTH_SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"}
+)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Bounds on what one peer can make us hold (docs/security.md, "Limits").
+
+    The default request-size limit is far above the largest valid ChatRequest (32k
+    characters of text is at most ~128 KiB of UTF-8).
+    """
+    return [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        # Soft and hard limit alike: above it a call is refused, never randomly.
+        ("grpc.max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Keepalive enforcement: a client pinging more often than this without data, or
+        # at all without a call in flight, earns strikes and then a GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", 0),
+        # A connection that has not finished its TLS and HTTP/2 handshake by then is closed.
+        ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+    ]
+
+
+class RedisEvictionPolicyError(RuntimeError):
+    """Redis may evict keys, and with them unpersisted turns or the consumer group."""
+
+
+# Policies that evict any key, streams included. volatile-* policies only evict keys
+# with a TTL (the context cache), never the streams, so they are safe.
+_EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
+
+
+async def check_redis_eviction_policy(redis: aioredis.Redis) -> None:
+    """Refuses a Redis that may silently evict turn streams under memory pressure.
+
+    Managed services often forbid CONFIG; then the policy cannot be read and a
+    warning is logged instead of refusing to start.
+    """
+    try:
+        config = await redis.config_get("maxmemory-policy")
+    except redis_exceptions.ResponseError as exc:
+        logger.warning("cannot read Redis maxmemory-policy (%s); make sure it is noeviction", exc)
+        return
+    policy = next(iter(config.values()), "")
+    policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+    if policy in _EVICTING_POLICIES:
+        raise RedisEvictionPolicyError(
+            f"Redis maxmemory-policy is {policy!r}, which can evict the chat:turns streams and lose "
+            "unpersisted turns; set it to 'noeviction' (or a volatile-* policy) and restart"
+        )
 
 
 def create_redis(settings: Settings) -> aioredis.Redis:
@@ -58,13 +113,22 @@ class ChatServer:
     closes them in reverse order: gRPC server, LLM client, Redis, engine.
     """
 
-    def __init__(self, settings: Settings, *, authenticator: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        authenticator: Authenticator | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._settings = settings
-        self._authenticator = authenticator or SingleOwner()
+        self.metrics = metrics or Metrics()
+        self._authenticator = authenticator or CurrentPrincipal()
         self._stack = contextlib.AsyncExitStack()
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self._port = 0
+        self.metrics_port = 0
+        """The bound metrics port; 0 when metrics are off."""
         self._stopped = asyncio.Event()
         self._runner: TurnRunner | None = None
 
@@ -82,11 +146,24 @@ class ChatServer:
     async def start(self) -> None:
         """Builds the resources, binds the port and starts serving."""
         settings = self._settings
+        # Before any engine, client or server exists, so they are all instrumented.
+        tracing_on = configure_tracing("chatstream-server")
+        if tracing_on:
+            self._stack.callback(shutdown_tracing)
+        # Credentials and TLS first: a misconfiguration fails before anything is opened.
+        verifier = CredentialVerifier(settings)
+        credentials = tls.server_credentials(settings)
         engine = create_engine(settings)
         self._stack.push_async_callback(engine.dispose)
         sessionmaker = create_sessionmaker(engine)
         redis = create_redis(settings)
         self._stack.push_async_callback(redis.aclose)
+        try:
+            await check_redis_eviction_policy(redis)
+        except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError, OSError) as exc:
+            # Serving without Redis is degraded, not broken: turns are still stored and
+            # the relay publishes them once Redis is back.
+            logger.warning("Redis is unreachable at start-up (%s); serving anyway", exc.__class__.__name__)
         llm = LlmClient(settings)
         self._stack.push_async_callback(llm.close)
 
@@ -99,34 +176,75 @@ class ChatServer:
             llm=llm,
             context=context,
             publisher=TurnPublisher(redis, shards=settings.shards),
+            metrics=self.metrics,
         )
         self._runner = runner
+        renewals = asyncio.create_task(runner.renew_leases_forever(), name="lease renewal")
+        self._stack.push_async_callback(_cancel_and_wait, renewals)
         servicer = ChatServicer(
             settings=settings,
             authenticator=self._authenticator,
             turns=runner,
-            conversations=ConversationService(sessionmaker, context),
+            conversations=ConversationService(
+                sessionmaker,
+                context,
+                default_page_size=settings.default_page_size,
+                max_page_size=settings.max_page_size,
+            ),
         )
 
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        edge = EdgeInterceptor(
+            verifier=verifier,
+            limiter=StreamLimiter(
+                max_streams=settings.max_streams,
+                # With authentication off every call has the same owner; a per-owner cap
+                # would only be a second, lower server cap.
+                max_per_owner=(
+                    settings.max_streams_per_owner
+                    if verifier.mode is AuthMode.REQUIRED
+                    else settings.max_streams
+                ),
+            ),
+            public_services=PUBLIC_SERVICES,
+            max_metadata_bytes=settings.max_metadata_bytes,
+        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [edge]
+        if tracing_on:
+            interceptors.insert(0, TracingInterceptor([SERVICE_NAME]))
+        server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
         chat_service_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [
                 SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                HEALTH_SERVICE_NAME,
                 reflection.SERVICE_NAME,
             ],
             server,
         )
-        self._port = server.add_insecure_port(settings.listen)
+        self._port = (
+            server.add_insecure_port(settings.listen)
+            if credentials is None
+            else server.add_secure_port(settings.listen, credentials)
+        )
         if self._port == 0:
             raise OSError(f"cannot listen on {settings.listen}")
         await server.start()
         self._server = server
+        endpoint = serve_metrics(self.metrics, settings.metrics_listen)
+        if endpoint is not None:
+            self.metrics_port = endpoint.port
+            self._stack.callback(endpoint.close)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving %s on %s", SERVICE_NAME, self.address)
+        logger.info(
+            "serving %s on %s (tls=%s, mtls=%s, auth=%s)",
+            SERVICE_NAME,
+            self.address,
+            credentials is not None,
+            settings.tls_client_ca_file is not None,
+            verifier.mode,
+        )
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new calls, let in-flight calls finish, close.
@@ -140,12 +258,16 @@ class ChatServer:
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
         try:
             await self._health.enter_graceful_shutdown()
+            if self._settings.shutdown_drain_s > 0:
+                # Health says NOT_SERVING while calls are still accepted, so load
+                # balancers move traffic away before the port refuses it.
+                await asyncio.sleep(self._settings.shutdown_drain_s)
             if self._server is not None:
                 await self._server.stop(grace)
             if self._runner is not None:
-                # Cancelled calls record their turns in shielded tasks that outlive the
-                # call; the pools they use must stay open until they are done.
-                await self._runner.drain()
+                # Turns still streaming past the grace period are cancelled and recorded
+                # while the pools they use are still open.
+                await self._runner.shutdown()
         finally:
             await self._stack.aclose()
 
@@ -165,3 +287,9 @@ class ChatServer:
             logger.info("stopping: grace period %.1fs", self._settings.shutdown_grace_s)
         finally:
             await self.stop()
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -5,16 +5,19 @@ Exception tree::
     ChatError
     ├── InvalidArgumentError          INVALID_ARGUMENT  BadRequest field violations
     │   └── IdempotencyKeyReusedError INVALID_ARGUMENT  request_id reused with another message
-    ├── UnauthenticatedError          UNAUTHENTICATED
+    ├── UnauthenticatedError          UNAUTHENTICATED   CREDENTIALS_MISSING / _INVALID / _EXPIRED
+    ├── PermissionDeniedError         PERMISSION_DENIED DELEGATION_NOT_ALLOWED
+    ├── ResourceExhaustedError        RESOURCE_EXHAUSTED TOO_MANY_STREAMS, RetryInfo
     ├── NotFoundError                 NOT_FOUND         CONVERSATION_NOT_FOUND
     ├── AlreadyExistsError            ALREADY_EXISTS    CONVERSATION_EXISTS
     ├── TurnInProgressError           ABORTED           TURN_IN_PROGRESS
+    ├── DeadlineExceededError         DEADLINE_EXCEEDED the call's deadline passed mid-turn
     ├── UnavailableError              UNAVAILABLE       RetryInfo
     │   ├── UpstreamUnavailableError  the model is overloaded, rate limited or unreachable
     │   └── StorageUnavailableError   PostgreSQL or Redis is unreachable
     └── InternalError                 INTERNAL          generic message, details only in logs
 
-Only this module and ``servicer.py`` know about gRPC.
+Only this module, ``servicer.py`` and ``edge.py`` (the interceptor) know about gRPC.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from typing import ClassVar, TypeVar
 
+import asyncpg.exceptions
 import grpc
 import redis.exceptions
 import sqlalchemy.exc
@@ -91,6 +95,31 @@ class UnauthenticatedError(ChatError):
     default_reason = "UNAUTHENTICATED"
 
 
+class PermissionDeniedError(ChatError):
+    """A valid credential asked for something it is not allowed to do (act for a user)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class ResourceExhaustedError(ChatError):
+    """A concurrency limit is reached; the caller may retry after ``retry_after``."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: timedelta = timedelta(seconds=1),
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after = retry_after
+
+
 class NotFoundError(ChatError):
     """The conversation does not exist, or belongs to someone else (indistinguishable)."""
 
@@ -110,6 +139,13 @@ class TurnInProgressError(ChatError):
 
     code = grpc.StatusCode.ABORTED
     default_reason = "TURN_IN_PROGRESS"
+
+
+class DeadlineExceededError(ChatError):
+    """The call's deadline passed; whatever the turn produced is stored as CANCELLED."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
 
 
 class UnavailableError(ChatError):
@@ -159,7 +195,7 @@ def to_status(err: ChatError) -> status_pb2.Status:
             ]
         )
         details.append(_pack(bad_request))
-    if isinstance(err, UnavailableError):
+    if isinstance(err, UnavailableError | ResourceExhaustedError):
         delay = duration_pb2.Duration()
         delay.FromTimedelta(err.retry_after)
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
@@ -185,17 +221,41 @@ def classify(exc: BaseException) -> ChatError:
         return exc
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return StorageUnavailableError("storage is temporarily unavailable", metadata={"dependency": "redis"})
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return StorageUnavailableError(
-            "storage is temporarily unavailable", metadata={"dependency": "postgresql"}
-        )
-    if isinstance(
-        exc, sqlalchemy.exc.InterfaceError | sqlalchemy.exc.TimeoutError | ConnectionError | OSError
-    ):
+    if is_database_outage(exc):
         return StorageUnavailableError(
             "storage is temporarily unavailable", metadata={"dependency": "postgresql"}
         )
     return InternalError("internal error")
+
+
+# asyncpg errors meaning "the server is gone, restarting or refusing connections":
+# connection failures (SQLSTATE class 08) and operator intervention (57P01-57P03).
+_OUTAGE_ERRORS = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InterfaceError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means PostgreSQL is unreachable, not that a statement is wrong.
+
+    SQLAlchemy wraps asyncpg's exceptions, so the whole cause chain is searched.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, _OUTAGE_ERRORS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 @contextlib.asynccontextmanager
@@ -222,10 +282,13 @@ async def abort_on_error(context: grpc.aio.ServicerContext[RequestT, ResponseT])
 __all__ = [
     "AlreadyExistsError",
     "ChatError",
+    "DeadlineExceededError",
     "IdempotencyKeyReusedError",
     "InternalError",
     "InvalidArgumentError",
     "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
     "StorageUnavailableError",
     "TurnInProgressError",
     "UnauthenticatedError",
@@ -233,5 +296,6 @@ __all__ = [
     "UpstreamUnavailableError",
     "abort_on_error",
     "classify",
+    "is_database_outage",
     "to_status",
 ]

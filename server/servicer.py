@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from chatstream.v1 import chat_service_pb2 as pb
 from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
@@ -13,6 +15,8 @@ from server.conversations import ConversationService
 from server.domain import TurnEvent
 from server.errors import abort_on_error
 from server.turns import ChatInput, TurnRunner
+
+logger = logging.getLogger(__name__)
 
 
 class ChatServicer(pb_grpc.ChatServiceServicer):
@@ -51,6 +55,9 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
                 text=convert.parse_text(request.text, max_chars=self._settings.max_text_chars),
                 request_id=convert.parse_request_id(request.request_id),
             )
+            if self._settings.log_user_content:
+                # Off by default: users' messages stay out of the logs (docs/security.md).
+                logger.debug("chat text from %s: %r", owner, chat.text)
             seq = 0
 
             async def emit(event: TurnEvent) -> None:
@@ -58,7 +65,7 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
                 seq += 1
                 await context.write(convert.event_to_proto(seq, event))
 
-            await self._turns.run(chat, emit)
+            await self._turns.run(chat, emit, time_remaining_s=context.time_remaining())
 
     async def CreateConversation(
         self,

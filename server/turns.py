@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Final
 
 import redis.exceptions
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,13 +23,27 @@ from server.context import ContextStore
 from server.db import repository
 from server.db.engine import SessionMaker
 from server.domain import Exchange, TextDelta, Turn, TurnCompleted, TurnEvent, TurnStarted, TurnStatus
-from server.errors import IdempotencyKeyReusedError, NotFoundError, TurnInProgressError, classify
+from server.errors import (
+    DeadlineExceededError,
+    IdempotencyKeyReusedError,
+    NotFoundError,
+    StorageUnavailableError,
+    TurnInProgressError,
+    classify,
+)
 from server.llm import LlmClient, ReplyOutcome
+from server.metrics import Metrics
 from server.publisher import TurnPublisher
 
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[TurnEvent], Awaitable[None]]
+
+# Recording an outcome must finish even after the call is gone, but never hang a
+# shutdown on a dead database: bounded, with a few retries for brief outages.
+_FINISH_TIMEOUT_S: Final = 15.0
+_FINISH_RETRY_DELAYS_S: Final = (0.2, 0.5, 1.0, 2.0, 4.0)
+_PUBLISH_TIMEOUT_S: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,7 +65,7 @@ class _ReplayStoredTurnError(Exception):
 
 
 class TurnRunner:
-    """Runs turns; one instance per server, shared by all calls."""
+    """Runs turns; one instance per server process, shared by all calls."""
 
     def __init__(
         self,
@@ -60,46 +75,96 @@ class TurnRunner:
         llm: LlmClient,
         context: ContextStore,
         publisher: TurnPublisher,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._sessionmaker = sessionmaker
         self._llm = llm
         self._context = context
         self._publisher = publisher
+        self._lease = timedelta(seconds=settings.turn_lease_s)
+        self._streaming: set[uuid.UUID] = set()
+        self._calls: set[asyncio.Task[object]] = set()
         self._finishing: set[asyncio.Task[Turn]] = set()
 
-    async def run(self, request: ChatInput, emit: Emit) -> None:
+    @property
+    def streaming(self) -> int:
+        """Turns this process is streaming right now."""
+        return len(self._streaming)
+
+    async def run(self, request: ChatInput, emit: Emit, *, time_remaining_s: float | None = None) -> None:
         """Runs one turn, sending its events through ``emit``.
 
         Raises ChatError for failures the caller should see; a failure after
         ``TurnStarted`` still stores the turn in a terminal status first. A
-        cancellation (client gone, deadline) stores the turn as CANCELLED and re-raises.
+        cancellation (client gone, server stopping) stores the turn as CANCELLED and
+        re-raises. ``time_remaining_s`` is the call's deadline: unit of work 1 and the
+        model stream are cut off by it, so no work outlives what the caller waits for.
         """
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
+        deadline = None if time_remaining_s is None else started_at + time_remaining_s
         try:
-            turn = await self._start(request)
+            async with asyncio.timeout_at(deadline):
+                turn = await self._start(request)
+                self._metrics.unit_of_work.labels("start").observe(loop.time() - started_at)
         except _ReplayStoredTurnError as replay:
             await self._replay(replay.turn, emit)
             return
-        await emit(TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id))
+        except TimeoutError:
+            raise DeadlineExceededError("the call's deadline passed before the turn started") from None
 
+        self._streaming.add(turn.id)
+        self._metrics.active_streams.inc()
+        call = asyncio.current_task()
+        if call is not None:
+            self._calls.add(call)
+        try:
+            await self._stream(turn, emit, deadline, started_at)
+        finally:
+            self._streaming.discard(turn.id)
+            self._metrics.active_streams.dec()
+            if call is not None:
+                self._calls.discard(call)
+
+    async def _stream(self, turn: Turn, emit: Emit, deadline: float | None, started_at: float) -> None:
+        loop = asyncio.get_running_loop()
+        await emit(TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id))
+        self._metrics.time_to_turn_started.observe(loop.time() - started_at)
+        first_token = self._metrics.time_to_first_token
+        deltas = self._metrics.text_deltas
         outcome = ReplyOutcome(model=self._llm.model)
         parts: list[str] = []
         history: list[Exchange] = []
         try:
-            history = await self._context.load(turn.conversation_id, owner=turn.owner, before_seq=turn.seq)
-            chunks = self._llm.stream_reply(history=history, text=turn.user_text, outcome=outcome)
-            # aclosing: a cancellation here must close the upstream HTTP stream now,
-            # not whenever the generator is garbage-collected.
-            async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    parts.append(chunk)
-                    await emit(TextDelta(text=chunk))
+            async with asyncio.timeout_at(deadline):
+                history = await self._context.load(
+                    turn.conversation_id, owner=turn.owner, before_seq=turn.seq
+                )
+                chunks = self._llm.stream_reply(history=history, text=turn.user_text, outcome=outcome)
+                # aclosing: a cancellation here must close the upstream HTTP stream now,
+                # not whenever the generator is garbage-collected.
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        if not parts:
+                            first_token.labels("upstream").observe(loop.time() - started_at)
+                        parts.append(chunk)
+                        deltas.inc()
+                        await emit(TextDelta(text=chunk))
+                        if len(parts) == 1:
+                            first_token.labels("written").observe(loop.time() - started_at)
         except asyncio.CancelledError:
-            # The client went away or its deadline passed: record what was produced.
+            # The client went away or the server is stopping: record what was produced.
             await self._finish_shielded(
                 turn, history, "".join(parts), TurnStatus.CANCELLED, outcome, "CANCELLED"
             )
             raise
+        except TimeoutError:
+            await self._finish_shielded(
+                turn, history, "".join(parts), TurnStatus.CANCELLED, outcome, "DEADLINE_EXCEEDED"
+            )
+            raise DeadlineExceededError("the call's deadline passed while the reply streamed") from None
         except Exception as exc:
             err = classify(exc)
             await self._finish_shielded(turn, history, "".join(parts), TurnStatus.FAILED, outcome, err.reason)
@@ -115,46 +180,108 @@ class TurnRunner:
             )
         )
 
+    async def renew_leases(self) -> None:
+        """Extends the leases of every turn this process is streaming (one statement)."""
+        turn_ids = list(self._streaming)
+        if not turn_ids:
+            return
+        async with self._sessionmaker.begin() as session:
+            await repository.renew_leases(session, turn_ids=turn_ids, lease=self._lease)
+
+    async def renew_leases_forever(self) -> None:
+        """Renews leases every third of the lease; a dead process stops renewing, which is the point."""
+        interval = self._settings.turn_lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.renew_leases()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure
+                # A missed renewal is survivable: two more happen before the lease ends.
+                logger.warning("lease renewal failed: %s", classify(exc).reason)
+
+    async def shutdown(self) -> None:
+        """Cancels turns still streaming and waits until every outcome is recorded.
+
+        Called after the gRPC server's grace period: grpc aborts those calls towards
+        the client but does not reliably cancel their handlers before the process
+        exits, so the turns are cancelled here, which records them as CANCELLED.
+        """
+        calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+        if calls:
+            await asyncio.gather(*calls, return_exceptions=True)
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
+
     async def _start(self, request: ChatInput) -> Turn:
         """Unit of work 1: get or create the conversation and insert the STREAMING turn.
 
         Committed before anything is sent, so the conversation and the user's message
         are durable and visible to other connections when TurnStarted arrives (I3).
         """
+        interrupted: list[Turn] = []
         async with self._sessionmaker.begin() as session:
             if request.request_id is not None:
                 existing = await repository.find_turn_by_request_id(
                     session, owner=request.owner, request_id=request.request_id
                 )
-                if existing is not None:
+                if existing is not None and not (
+                    existing.status is TurnStatus.STREAMING and await self._expired(session, existing)
+                ):
                     raise _ReplayStoredTurnError(self._check_retry(existing, request))
             conversation_id = request.conversation_id
             if conversation_id is None:
                 conversation_id = await self._create_conversation(session, request)
-            turn = await repository.insert_turn(
-                session,
-                owner=request.owner,
-                conversation_id=conversation_id,
-                turn_id=uuid.uuid4(),
-                request_id=request.request_id,
-                user_text=request.text,
-                model=self._llm.model,
-                lease=timedelta(seconds=self._settings.turn_lease_s),
+            seq = await repository.next_turn_seq(
+                session, owner=request.owner, conversation_id=conversation_id
             )
+            turn = await self._insert_turn(session, request, conversation_id, seq)
             if turn is None:
                 # Lost a race: a concurrent call with the same request_id committed
-                # first (retry semantics apply), or another turn is streaming.
+                # first (retry semantics apply), or another turn is streaming. If that
+                # turn's server died (lease expired), take the conversation over.
                 if request.request_id is not None:
                     existing = await repository.find_turn_by_request_id(
                         session, owner=request.owner, request_id=request.request_id
                     )
                     if existing is not None:
                         raise _ReplayStoredTurnError(self._check_retry(existing, request))
+                interrupted = await repository.interrupt_expired_turns(
+                    session, limit=10, conversation_id=conversation_id
+                )
+                if interrupted:
+                    turn = await self._insert_turn(session, request, conversation_id, seq)
+            if turn is None:
                 raise TurnInProgressError(
                     "another turn of this conversation is still streaming; retry when it ends",
                     metadata={"conversation": f"conversations/{conversation_id}"},
                 )
+        if interrupted:
+            await self._publish(interrupted)
         return turn
+
+    async def _expired(self, session: AsyncSession, turn: Turn) -> bool:
+        """Interrupts ``turn``'s conversation's expired STREAMING turn; True if ``turn`` was one."""
+        interrupted = await repository.interrupt_expired_turns(
+            session, limit=10, conversation_id=turn.conversation_id
+        )
+        return any(t.id == turn.id for t in interrupted)
+
+    async def _insert_turn(
+        self, session: AsyncSession, request: ChatInput, conversation_id: uuid.UUID, seq: int
+    ) -> Turn | None:
+        return await repository.insert_turn(
+            session,
+            owner=request.owner,
+            conversation_id=conversation_id,
+            seq=seq,
+            turn_id=uuid.uuid4(),
+            request_id=request.request_id,
+            user_text=request.text,
+            model=self._llm.model,
+            lease=self._lease,
+        )
 
     @staticmethod
     async def _create_conversation(session: AsyncSession, request: ChatInput) -> uuid.UUID:
@@ -216,11 +343,6 @@ class TurnRunner:
         task.add_done_callback(self._finishing.discard)
         await asyncio.shield(task)
 
-    async def drain(self) -> None:
-        """Waits for outcomes still being recorded for cancelled or failed calls."""
-        if self._finishing:
-            await asyncio.gather(*self._finishing, return_exceptions=True)
-
     async def _finish(
         self,
         turn: Turn,
@@ -230,27 +352,23 @@ class TurnRunner:
         outcome: ReplyOutcome,
         error_reason: str | None,
     ) -> Turn:
-        """Unit of work 2, then publish: store the outcome, relay it, refresh the context cache."""
-        async with self._sessionmaker.begin() as session:
-            stored = await repository.update_turn_outcome(
-                session,
-                turn_id=turn.id,
-                assistant_text=text,
-                status=status,
-                stop_reason=outcome.stop_reason,
-                usage=outcome.usage,
-                error_reason=error_reason,
-            )
+        """Unit of work 2, then publish: store the outcome, relay it, refresh the context cache.
+
+        A brief PostgreSQL outage is ridden out with a few retries; if the outcome
+        still cannot be stored, the turn stays STREAMING, its lease expires and it
+        ends INTERRUPTED, with the user's message kept.
+        """
+        began = asyncio.get_running_loop().time()
+        async with asyncio.timeout(_FINISH_TIMEOUT_S):
+            stored = await self._store_outcome(turn, text, status, outcome, error_reason)
+        self._metrics.unit_of_work.labels("finish").observe(asyncio.get_running_loop().time() - began)
+        if stored is not None:
+            self._metrics.turns.labels(stored.status.value).inc()
+            self._metrics.output_tokens.inc(stored.usage.output_tokens)
         if stored is None:
             # The conversation was deleted while the reply streamed: nothing to relay.
             return turn
-        try:
-            await self._publisher.publish(stored)
-        except redis.exceptions.RedisError as exc:
-            # The committed turn row is the outbox: the relay publishes it later.
-            logger.warning(
-                "publishing turn %s failed (%s); the relay will retry", stored.id, exc.__class__.__name__
-            )
+        await self._publish([stored])
         await self._context.remember(
             stored.conversation_id,
             owner=stored.owner,
@@ -261,3 +379,43 @@ class TurnRunner:
             ],
         )
         return stored
+
+    async def _store_outcome(
+        self, turn: Turn, text: str, status: TurnStatus, outcome: ReplyOutcome, error_reason: str | None
+    ) -> Turn | None:
+        for delay in (*_FINISH_RETRY_DELAYS_S, None):
+            try:
+                async with self._sessionmaker.begin() as session:
+                    return await repository.update_turn_outcome(
+                        session,
+                        turn_id=turn.id,
+                        assistant_text=text,
+                        status=status,
+                        stop_reason=outcome.stop_reason,
+                        usage=outcome.usage,
+                        error_reason=error_reason,
+                    )
+            except Exception as exc:
+                if delay is None or not isinstance(classify(exc), StorageUnavailableError):
+                    raise
+                logger.warning(
+                    "storing turn %s failed (database unavailable); retrying in %.1fs", turn.id, delay
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _publish(self, turns: list[Turn]) -> None:
+        """Relays ended turns to the consumer; a failure is logged, never raised.
+
+        The committed turn row is the outbox: the relay re-publishes what this misses.
+        """
+        try:
+            async with asyncio.timeout(_PUBLISH_TIMEOUT_S):
+                if len(turns) == 1:
+                    await self._publisher.publish(turns[0])
+                else:
+                    await self._publisher.publish_many(turns)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            logger.warning(
+                "publishing %d turn(s) failed (%s); the relay will retry", len(turns), exc.__class__.__name__
+            )

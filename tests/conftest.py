@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import pytest
@@ -169,12 +170,8 @@ async def consume(settings: Settings) -> AsyncIterator[Consume]:
     redis_client = create_redis(settings)
 
     async def run() -> WorkerStats:
-        worker = PersistenceWorker(
-            redis=redis_client,
-            sessionmaker=create_sessionmaker(engine),
-            shards=settings.shards,
-            consumer_name=settings.consumer_name,
-            batch=settings.consumer_batch,
+        worker = PersistenceWorker.from_settings(
+            settings, redis=redis_client, sessionmaker=create_sessionmaker(engine)
         )
         await worker.run(burst=True)
         return worker.stats
@@ -182,6 +179,14 @@ async def consume(settings: Settings) -> AsyncIterator[Consume]:
     yield run
     await redis_client.aclose()
     await engine.dispose()
+
+
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+async def stream_entries(redis_client: aioredis.Redis, key: str) -> StreamEntries:
+    """XRANGE of a whole stream, typed as what the wire carries (bytes)."""
+    return cast(StreamEntries, await redis_client.xrange(key))
 
 
 async def stream_lengths(redis_client: aioredis.Redis, shards: int = 4) -> list[int]:

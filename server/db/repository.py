@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, text, tuple_, update
+from sqlalchemy import delete, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -122,25 +122,14 @@ async def delete_conversation(session: AsyncSession, *, owner: str, conversation
         raise NotFoundError("conversation not found")
 
 
-async def insert_turn(
-    session: AsyncSession,
-    *,
-    owner: str,
-    conversation_id: uuid.UUID,
-    turn_id: uuid.UUID,
-    request_id: str | None,
-    user_text: str,
-    model: str,
-    lease: timedelta,
-) -> Turn | None:
-    """Numbers and inserts a STREAMING turn; None if it conflicts with another turn.
+async def next_turn_seq(session: AsyncSession, *, owner: str, conversation_id: uuid.UUID) -> int:
+    """Allocates the next turn number of the owner's conversation.
 
     Bumping ``turn_count`` takes the conversation's row lock, which serialises turn
-    starts on one conversation for the rest of the transaction. A conflict is either
-    the same (owner, request_id) or another STREAMING turn; the caller tells them apart.
-    Raises NotFoundError if the conversation is missing or not the owner's.
+    starts on one conversation for the rest of the transaction. Raises NotFoundError
+    if the conversation is missing or not the owner's.
     """
-    seq = await session.scalar(
+    seq: int | None = await session.scalar(
         update(ConversationRow)
         .where(ConversationRow.id == conversation_id, ConversationRow.owner == owner)
         .values(turn_count=ConversationRow.turn_count + 1, updated_at=func.now())
@@ -148,6 +137,26 @@ async def insert_turn(
     )
     if seq is None:
         raise NotFoundError("conversation not found")
+    return seq
+
+
+async def insert_turn(
+    session: AsyncSession,
+    *,
+    owner: str,
+    conversation_id: uuid.UUID,
+    seq: int,
+    turn_id: uuid.UUID,
+    request_id: str | None,
+    user_text: str,
+    model: str,
+    lease: timedelta,
+) -> Turn | None:
+    """Inserts a STREAMING turn numbered ``seq``; None if it conflicts with another turn.
+
+    A conflict is either the same (owner, request_id) or another STREAMING turn of the
+    conversation; the caller tells them apart.
+    """
     stmt = (
         insert(TurnRow)
         .values(
@@ -337,3 +346,81 @@ async def list_messages(
         )
         for row in await session.scalars(stmt)
     ]
+
+
+async def renew_leases(session: AsyncSession, *, turn_ids: Sequence[uuid.UUID], lease: timedelta) -> int:
+    """Extends the leases of turns this process is still streaming; returns how many."""
+    if not turn_ids:
+        return 0
+    result = await session.execute(
+        update(TurnRow)
+        .where(TurnRow.id.in_(turn_ids), TurnRow.status == TurnStatus.STREAMING.value)
+        .values(lease_expires_at=func.now() + lease)
+        .returning(TurnRow.id)
+    )
+    return len(result.all())
+
+
+async def interrupt_expired_turns(
+    session: AsyncSession, *, limit: int, conversation_id: uuid.UUID | None = None
+) -> list[Turn]:
+    """Marks STREAMING turns whose lease expired (their server died) INTERRUPTED.
+
+    SKIP LOCKED lets several sweepers run at once without waiting on each other.
+    The user's text is kept; the partial reply died with the server.
+    """
+    expired = select(TurnRow.id).where(
+        TurnRow.status == TurnStatus.STREAMING.value, TurnRow.lease_expires_at < func.now()
+    )
+    if conversation_id is not None:
+        expired = expired.where(TurnRow.conversation_id == conversation_id)
+    expired = expired.limit(limit).with_for_update(skip_locked=True)
+    rows = await session.scalars(
+        update(TurnRow)
+        .where(TurnRow.id.in_(expired.scalar_subquery()))
+        .values(
+            status=TurnStatus.INTERRUPTED.value,
+            completed_at=func.now(),
+            lease_expires_at=None,
+            error_reason="LEASE_EXPIRED",
+        )
+        .returning(TurnRow)
+    )
+    return [_turn(row) for row in rows]
+
+
+async def claim_unpersisted_turns(session: AsyncSession, *, grace: timedelta, limit: int) -> list[Turn]:
+    """Ended turns the consumer has not persisted ``grace`` after they ended, for re-publishing.
+
+    Each claimed turn is stamped, and is claimed again only after a backoff that
+    doubles with every re-publish (capped at 64 x grace), so a stopped consumer does
+    not make the relay flood the streams with copies. SKIP LOCKED keeps concurrent
+    relays from claiming the same turns.
+    """
+    grace_s = grace.total_seconds()
+    due = (
+        select(TurnRow.id)
+        .where(
+            TurnRow.persisted_at.is_(None),
+            TurnRow.status != TurnStatus.STREAMING.value,
+            TurnRow.completed_at < func.now() - grace,
+            or_(
+                TurnRow.relayed_at.is_(None),
+                TurnRow.relayed_at
+                < func.now()
+                - func.make_interval(
+                    0, 0, 0, 0, 0, 0, grace_s * func.power(2, func.least(TurnRow.relay_count, 6))
+                ),
+            ),
+        )
+        .order_by(TurnRow.completed_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = await session.scalars(
+        update(TurnRow)
+        .where(TurnRow.id.in_(due.scalar_subquery()))
+        .values(relayed_at=func.now(), relay_count=TurnRow.relay_count + 1)
+        .returning(TurnRow)
+    )
+    return [_turn(row) for row in rows]

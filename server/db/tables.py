@@ -80,6 +80,9 @@ class TurnRow(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     persisted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    relayed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the relay last re-published this turn; spaces out re-publishes while it stays unpersisted."""
+    relay_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
     __table_args__ = (
         UniqueConstraint("conversation_id", "seq", name="uq_turns_conversation_seq"),
