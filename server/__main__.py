@@ -1,29 +1,38 @@
-"""``chatstream`` / ``python -m server``: migrate, serve, consume, or run everything in dev mode."""
+"""``chatstream`` / ``python -m server``: run the service (migrate, serve, consume, dev) and look at it.
+
+The looking commands (chat, conversations, lag, dlq) live in `server.cli`; the client ones need
+only a server address, the Redis ones only CHATSTREAM_REDIS_URL.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
-import signal
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import click
 
 from server import constants
 from server.config import Settings, SettingsError
 
+if TYPE_CHECKING:
+    from server.cli.redisenv import RedisEnv
+
 logger = logging.getLogger("server")
 
 
 def _configure_logging() -> None:
-    level = os.environ.get("CHATSTREAM_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # httpx2 logs every upstream request at INFO; that is noise at our default level.
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    from server.logs import configure_logging_from_env
+
+    # JSON lines for the services (log shippers); text for a person running `dev`.
+    default = "text" if click.get_current_context().invoked_subcommand == "dev" else "json"
+    try:
+        configure_logging_from_env(default_format=default)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _settings() -> Settings:
@@ -33,7 +42,41 @@ def _settings() -> Settings:
         raise click.ClickException(str(exc)) from exc
 
 
-@click.group()
+def _redis_env() -> RedisEnv:
+    from server.cli.redisenv import RedisEnv
+
+    try:
+        return RedisEnv.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+# Commands whose module is imported only when they run (or when help lists them): `chat` should
+# not wait for Redis's client to import, nor `lag` for gRPC's.
+_LAZY_COMMANDS: Final = {
+    "chat": "server.cli.chat:chat",
+    "conversations": "server.cli.conversations:conversations",
+    "lag": "server.cli.lag:lag",
+}
+
+
+class _Commands(click.Group):
+    """The command group, with the `_LAZY_COMMANDS` loaded on demand."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, name = target.partition(":")
+        command = getattr(importlib.import_module(module), name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=_Commands)
 def cli() -> None:
     """chatstream: streams LLM chat replies over gRPC and keeps every conversation."""
     _configure_logging()
@@ -53,40 +96,68 @@ def serve() -> None:
     """Run the gRPC server until SIGTERM/SIGINT."""
     from server.app import ChatServer
 
-    asyncio.run(ChatServer(_settings()).serve_until_signal())
+    try:
+        asyncio.run(ChatServer(_settings()).serve_until_signal())
+    except SettingsError as exc:
+        # Refusing to start without authentication (or with half a TLS setup) is a
+        # configuration message for the operator, not a crash.
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.command()
 @click.option("--burst", is_flag=True, help="Drain what is in the streams, then exit.")
-def consume(burst: bool) -> None:
-    """Run the persistence consumer (group chat-persistence)."""
-    asyncio.run(_consume(_settings(), burst=burst))
+@click.option("--relay/--no-relay", default=True, help="Also run the outbox relay and lease sweeper.")
+def consume(burst: bool, relay: bool) -> None:
+    """Run the persistence consumer (group chat-persistence) and the relay."""
+    from server.consumer.process import run_consumer
+
+    asyncio.run(run_consumer(_settings(), burst=burst, relay=relay))
 
 
-async def _consume(settings: Settings, *, burst: bool) -> None:
-    from server.app import create_redis
-    from server.consumer.worker import PersistenceWorker
-    from server.db.engine import create_engine, create_sessionmaker
+@cli.group()
+def dlq() -> None:
+    """Inspect and replay the dead-letter stream chat:turns:dlq."""
 
-    engine = create_engine(settings)
-    redis = create_redis(settings)
-    worker = PersistenceWorker(
-        redis=redis,
-        sessionmaker=create_sessionmaker(engine),
-        shards=settings.shards,
-        consumer_name=settings.consumer_name,
-        batch=settings.consumer_batch,
-        block_ms=settings.consumer_block_ms,
-    )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    try:
-        await worker.run(burst=burst)
-    finally:
-        await redis.aclose()
-        await engine.dispose()
-    logger.info("consumer stopped: %s", worker.stats)
+
+@dlq.command("list")
+@click.option("--count", default=100, show_default=True, help="How many entries to show, oldest first.")
+def dlq_list(count: int) -> None:
+    """List dead-lettered entries with their errors."""
+    from server.cli.redisenv import open_redis
+    from server.consumer.dlq import list_dead_letters
+
+    async def show() -> None:
+        async with open_redis(_redis_env()) as redis:
+            letters = await list_dead_letters(redis, count=count)
+        for letter in letters:
+            click.echo(
+                f"{letter.id}  from {letter.source} {letter.source_entry_id}  "
+                f"turn={letter.turn_id or '-'}  error={letter.error}"
+            )
+        click.echo(f"{len(letters)} dead letter(s)")
+
+    asyncio.run(show())
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+def dlq_replay(ids: tuple[str, ...]) -> None:
+    """Publish dead letters (all, or the given ids) to their shard again and remove them."""
+    from server.cli.progress import ProgressReporter
+    from server.cli.redisenv import open_redis
+    from server.consumer.dlq import replay_dead_letters
+    from server.publisher import TurnPublisher
+
+    async def replay() -> None:
+        env = _redis_env()
+        with ProgressReporter(label="replaying dead letters") as bar:
+            async with open_redis(env) as redis:
+                replayed, skipped = await replay_dead_letters(
+                    redis, TurnPublisher(redis, shards=env.shards), ids=ids, progress=bar.update
+                )
+        click.echo(f"replayed {replayed}, skipped {skipped} undecodable")
+
+    asyncio.run(replay())
 
 
 @cli.command()

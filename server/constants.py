@@ -15,6 +15,9 @@ ENV_DATABASE_URL: Final = "CHATSTREAM_DATABASE_URL"
 ENV_REDIS_URL: Final = "CHATSTREAM_REDIS_URL"
 ENV_LISTEN: Final = "CHATSTREAM_LISTEN"
 ENV_DEV_DIR: Final = "CHATSTREAM_DEV_DIR"
+ENV_SHARDS: Final = "CHATSTREAM_SHARDS"
+ENV_TOKEN: Final = "CHATSTREAM_TOKEN"  # noqa: S105  # the variable's name, not a token
+"""The bearer token of the client commands (`chatstream chat`, `chatstream conversations`)."""
 
 ERROR_DOMAIN: Final = "chatstream.v1.ChatService"
 

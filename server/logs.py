@@ -19,7 +19,9 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Final, TextIO
 
 from server.config import SettingsError
@@ -41,6 +43,26 @@ _SECRET_PATTERNS: Final = (
 
 # Loggers of libraries that put request bodies (the user's messages) in DEBUG records.
 _CONTENT_LOGGERS: Final = ("anthropic", "httpx", "httpcore")
+
+
+# Identifiers of what the current task works on (conversation, turn), added to every
+# record it logs. A context variable, so each call's task carries its own.
+_fields: ContextVar[Mapping[str, str]] = ContextVar("chatstream_log_fields", default=MappingProxyType({}))
+
+
+def bind_log_fields(**fields: str) -> Token[Mapping[str, str]]:
+    """Adds ``fields`` (e.g. ``conversation_id``, ``turn_id``) to every record the current task logs."""
+    return _fields.set({**_fields.get(), **fields})
+
+
+def unbind_log_fields(token: Token[Mapping[str, str]]) -> None:
+    """Restores the fields from before ``bind_log_fields``."""
+    _fields.reset(token)
+
+
+def log_fields() -> Mapping[str, str]:
+    """The fields bound in the current task."""
+    return _fields.get()
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -74,6 +96,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": redact(record.getMessage(), self._secrets),
+            **log_fields(),
         }
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info), self._secrets)
@@ -94,7 +117,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as text, credentials scrubbed."""
-        return redact(super().format(record), self._secrets)
+        fields = "".join(f" {k}={v}" for k, v in log_fields().items())
+        return redact(super().format(record) + fields, self._secrets)
 
 
 def configure_logging(

@@ -32,6 +32,7 @@ from server.errors import (
     classify,
 )
 from server.llm import LlmClient, ReplyOutcome
+from server.logs import bind_log_fields, unbind_log_fields
 from server.metrics import Metrics
 from server.publisher import TurnPublisher
 
@@ -115,6 +116,7 @@ class TurnRunner:
         except TimeoutError:
             raise DeadlineExceededError("the call's deadline passed before the turn started") from None
 
+        log_token = bind_log_fields(conversation_id=str(turn.conversation_id), turn_id=str(turn.id))
         self._streaming.add(turn.id)
         self._metrics.active_streams.inc()
         call = asyncio.current_task()
@@ -127,6 +129,7 @@ class TurnRunner:
             self._metrics.active_streams.dec()
             if call is not None:
                 self._calls.discard(call)
+            unbind_log_fields(log_token)
 
     async def _stream(self, turn: Turn, emit: Emit, deadline: float | None, started_at: float) -> None:
         loop = asyncio.get_running_loop()

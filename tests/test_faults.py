@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import random
 
+import pytest
+
 from tests.fake_anthropic import FakeAnthropic
 from tests.faults import run_scenario
 
 
+# A few minutes on a loaded two-core machine: process restarts dominate.
+@pytest.mark.timeout(900)
 async def test_no_turn_is_lost_or_duplicated_through_kills_and_restarts(fake: FakeAnthropic) -> None:
     turns = int(os.environ.get("CHATSTREAM_FAULT_TURNS", "2000"))
     seed = int(os.environ.get("CHATSTREAM_FAULT_SEED", str(random.randrange(1 << 30))))

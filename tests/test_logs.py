@@ -150,3 +150,26 @@ def test_log_format_must_be_json_or_text() -> None:
 
     with pytest.raises(SettingsError, match="CHATSTREAM_LOG_FORMAT"):
         configure_logging(fmt="xml")
+
+
+async def test_records_logged_during_a_turn_carry_its_conversation_and_turn_ids(
+    captured_logs: io.StringIO, client: AsyncChatClient, fake: FakeAnthropic
+) -> None:
+    configure_logging(fmt="json", level="INFO", stream=captured_logs)
+    fake.script(Error(400, "invalid_request_error", "bad request"))
+    events = []
+
+    async def chat() -> None:
+        async for event in client.chat("fails upstream"):
+            events.append(event)
+
+    with pytest.raises(ChatClientError):
+        await chat()
+    started = events[0].started
+    conversation_id = started.conversation.rsplit("/", 1)[1]
+    turn_id = started.turn.rsplit("/", 1)[1]
+    records = [r for r in _lines(captured_logs) if "upstream rejected" in str(r["message"])]
+    assert records
+    assert all((r["conversation_id"], r["turn_id"]) == (conversation_id, turn_id) for r in records)
+    # Outside a turn nothing is bound.
+    assert all("turn_id" not in r for r in _lines(captured_logs) if "serving" in str(r["message"]))

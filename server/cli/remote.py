@@ -1,0 +1,121 @@
+"""How client commands reach a running server (target, bearer token, TLS) and print its errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Final
+
+import click
+import grpc
+from chatstream import ChatClient, ChatClientError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from server import constants
+
+DEFAULT_TARGET: Final = "127.0.0.1:50051"
+CONVERSATION_PREFIX: Final = "conversations/"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Remote:
+    """Where the server is and how to authenticate to it."""
+
+    target: str
+    """``host:port`` of the server."""
+    token: str | None = field(default=None, repr=False)
+    """Sent as ``authorization: Bearer <token>``: an API key or a JWT."""
+    tls_ca: Path | None = None
+    """PEM bundle of the CAs to trust; implies TLS."""
+    tls: bool = False
+    """TLS with the system's trusted CAs."""
+
+    def connect(self) -> ChatClient:
+        """A blocking SDK client; close it (``with``) when done.
+
+        Blocking on purpose: a terminal program waits on the user anyway, and Ctrl-C then
+        interrupts the call in our own frame, where the SDK cancels it.
+        """
+        credentials: grpc.ChannelCredentials | None = None
+        if self.tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.tls_ca.read_bytes())
+        elif self.tls:
+            credentials = grpc.ssl_channel_credentials()
+        metadata = [("authorization", f"Bearer {self.token}")] if self.token else []
+        return ChatClient(
+            self.target,
+            credentials=credentials,
+            metadata=metadata,
+            timeout=timedelta(seconds=30),
+            chat_timeout=timedelta(minutes=10),
+        )
+
+
+_OPTIONS: Final = (
+    click.option(
+        "--target",
+        envvar=constants.ENV_LISTEN,
+        default=DEFAULT_TARGET,
+        show_default=True,
+        show_envvar=True,
+        help="Server address, host:port.",
+    ),
+    click.option(
+        "--token",
+        envvar=constants.ENV_TOKEN,
+        show_envvar=True,
+        default=None,
+        help="API key or JWT, sent as 'authorization: Bearer <token>'. Prefer the env var: "
+        "a command line is visible to other users of the machine.",
+    ),
+    click.option(
+        "--tls-ca",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="Use TLS, trusting the CAs in this PEM file.",
+    ),
+    click.option("--tls", is_flag=True, help="Use TLS, trusting the system's CAs."),
+)
+
+
+def remote_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Adds --target, --token, --tls-ca and --tls to a command, which receives them as ``remote``."""
+
+    @functools.wraps(command)
+    def with_remote(
+        *, target: str, token: str | None, tls_ca: Path | None, tls: bool, **kwargs: object
+    ) -> None:
+        token = token.strip() if token else None
+        command(remote=Remote(target=target, token=token or None, tls_ca=tls_ca, tls=tls), **kwargs)
+
+    decorated: Callable[..., None] = with_remote
+    for option in reversed(_OPTIONS):
+        decorated = option(decorated)
+    return decorated
+
+
+def describe(error: ChatClientError) -> str:
+    """One line for people: ``CODE REASON: message (field: problem)``."""
+    head = error.code.name + (f" {error.reason}" if error.reason else "")
+    text = f"{head}: {error.message or 'no message'}"
+    if error.field_violations:
+        text += " (" + "; ".join(f"{name}: {problem}" for name, problem in error.field_violations) + ")"
+    # gRPC's own connection errors can span lines; an error line must stay one line.
+    return " ".join(text.split())
+
+
+def conversation_name(value: str) -> str:
+    """``conversations/{id}`` from either that or the bare id, as a user may paste either."""
+    value = value.strip()
+    return value if value.startswith(CONVERSATION_PREFIX) else CONVERSATION_PREFIX + value
+
+
+def timestamp(value: Timestamp) -> str | None:
+    """RFC 3339 in UTC (``2025-01-31T12:00:00.123456Z``), or None for an unset field."""
+    if value.seconds == 0 and value.nanos == 0:
+        return None
+    return value.ToDatetime(tzinfo=dt.UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,122 @@
+"""`chatstream chat`: a person at a terminal (a real pty), and a script piping lines into it."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from server.app import ChatServer
+from server.config import Settings
+from tests.conftest import eventually
+from tests.fake_anthropic import Error, FakeAnthropic, Stream
+from tests.processes import settings_env
+from tests.terminal import Terminal, run_cli
+
+PROMPT = r"> "
+NAME = r"conversation (conversations/[0-9a-f-]{36})"
+REPLY = "Hello from the fake model."
+
+
+def _id(name: str) -> uuid.UUID:
+    return uuid.UUID(name.rsplit("/", 1)[1])
+
+
+async def test_chat_streams_replies_keeps_context_and_exits_on_ctrl_d(
+    server: ChatServer, settings: Settings, fake: FakeAnthropic
+) -> None:
+    with Terminal("chat", "--target", server.address, env=settings_env(settings)) as term:
+        name = (await term.expect(NAME))[1]
+        await term.expect(PROMPT)
+
+        term.send("What is a queue?\r")
+        await term.expect(REPLY)
+        await term.expect(PROMPT)
+        term.send("And a log?\r")
+        await term.expect(REPLY)
+        await term.expect(PROMPT)
+        term.send("\x04")
+
+        assert await term.wait() == 0
+    second = fake.requests[-1].body
+    assert second is not None
+    assert second["messages"] == [
+        {"role": "user", "content": "What is a queue?"},
+        {"role": "assistant", "content": REPLY},
+        {"role": "user", "content": "And a log?"},
+    ]
+    assert f"--conversation {name}" in term.output  # how to resume it
+
+
+async def test_ctrl_c_cancels_the_reply_in_flight_and_returns_to_the_prompt(
+    server: ChatServer, settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    # The reply stalls after two deltas: it can only end by being cancelled.
+    fake.script(Stream(["Partial", " answer"], then="stall"))
+    with Terminal("chat", "--target", server.address, env=settings_env(settings)) as term:
+        name = (await term.expect(NAME))[1]
+        await term.expect(PROMPT)
+        term.send("Tell me everything.\r")
+        # Seen while the turn is still open upstream: deltas are printed as they arrive.
+        await term.expect("Partial answer")
+
+        term.send("\x03")
+        await term.expect(r"\[reply cancelled\]")
+        await term.expect(PROMPT)
+
+        async def cancelled() -> bool:
+            statuses = await db.fetch("SELECT status FROM chat.turns WHERE conversation_id = $1", _id(name))
+            return [row["status"] for row in statuses] == ["CANCELLED"]
+
+        await eventually(cancelled, what="the interrupted turn stored as CANCELLED")
+        # The conversation goes on.
+        term.send("Shorter, please.\r")
+        await term.expect(REPLY)
+        await term.expect(PROMPT)
+        term.send("/quit\r")
+
+        assert await term.wait() == 0
+
+
+async def test_chat_without_a_terminal_sends_one_message_per_line(
+    server: ChatServer, settings: Settings, fake: FakeAnthropic
+) -> None:
+    fake.script(Stream(["One"]), Stream(["Two"]))
+
+    result = await run_cli(
+        "chat", "--target", server.address, env=settings_env(settings), stdin="first\n\nsecond\n"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "One\nTwo\n"
+    assert "conversation conversations/" in result.stderr
+    last = fake.requests[-1].body
+    assert last is not None
+    assert last["messages"] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "One"},
+        {"role": "user", "content": "second"},
+    ]
+
+
+async def test_chat_failures_print_one_line_with_code_and_reason(
+    server: ChatServer, settings: Settings, fake: FakeAnthropic
+) -> None:
+    env = settings_env(settings)
+    fake.script(Error(529, "overloaded_error", "Overloaded"))
+
+    failed = await run_cli("chat", "--target", server.address, env=env, stdin="hi\nnever sent\n")
+
+    assert failed.returncode == 1
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: UNAVAILABLE ")
+    assert len(fake.requests) == 1  # stopped at the first failed turn
+
+    unknown = await run_cli(
+        "chat", "--target", server.address, "--conversation", str(uuid.uuid4()), env=env, stdin="hi\n"
+    )
+
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("Error: NOT_FOUND CONVERSATION_NOT_FOUND: ")
+    assert len(unknown.stderr.strip().splitlines()) == 1
