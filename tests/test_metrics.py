@@ -11,16 +11,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, ChatClientError
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_redis
 from server.config import Settings
+from server.constants import DEAD_LETTER_STREAM
+from server.consumer.process import run_consumer
 from server.consumer.worker import PersistenceWorker
 from server.db.engine import create_engine, create_sessionmaker
 from server.metrics import Metrics
-from tests.conftest import StartServer
+from tests.conftest import StartServer, eventually
 from tests.fake_anthropic import Error, FakeAnthropic, Gate, Stream
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -125,4 +128,35 @@ def test_the_grafana_dashboard_only_uses_metrics_we_export() -> None:
     assert used <= exported, used - exported
     assert exported - {"chatstream_time_to_first_token_seconds"} <= used | {
         "chatstream_time_to_first_token_seconds"
+    }
+
+
+async def test_consumer_process_keeps_lag_pending_and_dead_letter_gauges_current(
+    client: AsyncChatClient, settings: Settings, redis: aioredis.Redis
+) -> None:
+    await client.chat_reply("lagging")
+    await redis.xadd(DEAD_LETTER_STREAM, {"v": "1", "dlq_error": "planted"})
+    metrics = Metrics()
+    stop = asyncio.Event()
+    consumer = asyncio.create_task(run_consumer(settings, stop=stop, metrics=metrics))
+    try:
+
+        async def observed() -> bool:
+            samples = _parse(generate_latest(metrics.registry).decode())
+            return (
+                samples.get(("chatstream_messages_persisted_total", ())) == 2
+                and samples.get(("chatstream_dead_letters", ())) == 1
+                and all(
+                    samples.get(("chatstream_consumer_pending_entries", (("shard", str(k)),))) == 0
+                    for k in range(4)
+                )
+            )
+
+        await eventually(observed, timeout_s=15, what="the consumer's gauges")
+    finally:
+        stop.set()
+        await consumer
+    samples = _parse(generate_latest(metrics.registry).decode())
+    assert {k[1] for k in samples if k[0] == "chatstream_consumer_lag_entries"} == {
+        (("shard", str(k)),) for k in range(4)
     }

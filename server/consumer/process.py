@@ -7,8 +7,12 @@ import logging
 import signal
 from datetime import timedelta
 
+import redis.asyncio as aioredis
+import redis.exceptions as redis_exceptions
+
 from server.app import check_redis_eviction_policy, create_redis
 from server.config import Settings
+from server.consumer.lag import measure_lag
 from server.consumer.relay import Relay
 from server.consumer.worker import PersistenceWorker
 from server.db.engine import create_engine, create_sessionmaker
@@ -77,8 +81,14 @@ async def run_consumer(
                 worker_task = tasks.create_task(worker.run(), name="persistence worker")
                 if relay:
                     tasks.create_task(relayer.run(), name="relay")
-                # The worker only returns once stopped; release the watcher then too.
-                worker_task.add_done_callback(lambda _: watcher.cancel())
+                lag_task = tasks.create_task(_observe_lag(redis, settings, metrics), name="lag gauges")
+
+                def release(_: object) -> None:
+                    # The worker only returns once stopped; the watcher and gauges end with it.
+                    watcher.cancel()
+                    lag_task.cancel()
+
+                worker_task.add_done_callback(release)
         logger.info("consumer stopped: %s; relay: %s", worker.stats, relayer.stats)
     finally:
         if endpoint is not None:
@@ -87,3 +97,23 @@ async def run_consumer(
         await engine.dispose()
         if tracing:
             shutdown_tracing()
+
+
+_LAG_INTERVAL_S = 5.0
+
+
+async def _observe_lag(redis: aioredis.Redis, settings: Settings, metrics: Metrics) -> None:
+    """Keeps the per-shard lag, pending and dead-letter gauges current (every few seconds)."""
+    while True:
+        try:
+            report = await measure_lag(redis, shards=settings.shards)
+        except (redis_exceptions.RedisError, OSError) as exc:
+            logger.debug("lag measurement failed: %s", exc.__class__.__name__)
+        else:
+            for shard in report.shards:
+                label = str(shard.shard)
+                metrics.consumer_lag.labels(label).set(shard.undelivered)
+                metrics.consumer_pending.labels(label).set(shard.pending)
+                metrics.consumer_oldest_pending.labels(label).set(shard.oldest_pending_age_s or 0)
+            metrics.dead_letters.set(report.dead_letters)
+        await asyncio.sleep(_LAG_INTERVAL_S)
