@@ -7,14 +7,15 @@ Exception tree::
     │   └── IdempotencyKeyReusedError INVALID_ARGUMENT  request_id reused with another message
     ├── UnauthenticatedError          UNAUTHENTICATED   CREDENTIALS_MISSING / _INVALID / _EXPIRED
     ├── PermissionDeniedError         PERMISSION_DENIED DELEGATION_NOT_ALLOWED
-    ├── ResourceExhaustedError        RESOURCE_EXHAUSTED TOO_MANY_STREAMS, RetryInfo
     ├── NotFoundError                 NOT_FOUND         CONVERSATION_NOT_FOUND
     ├── AlreadyExistsError            ALREADY_EXISTS    CONVERSATION_EXISTS
     ├── TurnInProgressError           ABORTED           TURN_IN_PROGRESS
     ├── DeadlineExceededError         DEADLINE_EXCEEDED the call's deadline passed mid-turn
-    ├── UnavailableError              UNAVAILABLE       RetryInfo
-    │   ├── UpstreamUnavailableError  the model is overloaded, rate limited or unreachable
-    │   └── StorageUnavailableError   PostgreSQL or Redis is unreachable
+    ├── RetryableError                                  RetryInfo (when to try again)
+    │   ├── ResourceExhaustedError    RESOURCE_EXHAUSTED TOO_MANY_STREAMS
+    │   └── UnavailableError          UNAVAILABLE
+    │       ├── UpstreamUnavailableError  the model is overloaded, rate limited or unreachable
+    │       └── StorageUnavailableError   PostgreSQL or Redis is unreachable
     └── InternalError                 INTERNAL          generic message, details only in logs
 
 Only this module, ``servicer.py`` and ``edge.py`` (the interceptor) know about gRPC.
@@ -102,11 +103,8 @@ class PermissionDeniedError(ChatError):
     default_reason = "PERMISSION_DENIED"
 
 
-class ResourceExhaustedError(ChatError):
-    """A concurrency limit is reached; the caller may retry after ``retry_after``."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RESOURCE_EXHAUSTED"
+class RetryableError(ChatError):
+    """A transient refusal: the status carries RetryInfo telling when to try again."""
 
     def __init__(
         self,
@@ -118,6 +116,13 @@ class ResourceExhaustedError(ChatError):
     ):
         super().__init__(message, reason=reason, metadata=metadata)
         self.retry_after = retry_after
+
+
+class ResourceExhaustedError(RetryableError):
+    """A concurrency limit is reached; the caller may retry after ``retry_after``."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
 
 
 class NotFoundError(ChatError):
@@ -148,22 +153,11 @@ class DeadlineExceededError(ChatError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
-class UnavailableError(ChatError):
+class UnavailableError(RetryableError):
     """A dependency is temporarily unavailable; the caller may retry after ``retry_after``."""
 
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        retry_after: timedelta = timedelta(seconds=1),
-        reason: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ):
-        super().__init__(message, reason=reason, metadata=metadata)
-        self.retry_after = retry_after
 
 
 class UpstreamUnavailableError(UnavailableError):
@@ -195,7 +189,7 @@ def to_status(err: ChatError) -> status_pb2.Status:
             ]
         )
         details.append(_pack(bad_request))
-    if isinstance(err, UnavailableError | ResourceExhaustedError):
+    if isinstance(err, RetryableError):
         delay = duration_pb2.Duration()
         delay.FromTimedelta(err.retry_after)
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
@@ -289,6 +283,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "RetryableError",
     "StorageUnavailableError",
     "TurnInProgressError",
     "UnauthenticatedError",
