@@ -55,6 +55,8 @@ class Report:
     seconds: float
     consumer_kills: int
     client_retries: int
+    relayed: int
+    """Turns the relay had to publish again (Redis lost them, or the consumer lagged)."""
     messages: int
     dead_letters: int
 
@@ -63,7 +65,8 @@ class Report:
             f"{self.turns} turns in {self.seconds:.1f} s ({self.turns / self.seconds:.0f} turns/s), "
             f"seed {self.seed}: {self.consumer_kills} consumer SIGKILLs, 1 Redis restart (no persistence), "
             "1 PostgreSQL restart, "
-            f"{self.client_retries} client retries, {self.messages} message rows (= 2 x turns), "
+            f"{self.client_retries} client retries, {self.relayed} turns re-published by the relay, "
+            f"{self.messages} message rows (= 2 x turns), "
             f"{self.dead_letters} dead letters (all poisoned on purpose), 0 pending, 0 duplicates"
         )
 
@@ -238,6 +241,7 @@ async def _scenario(
                     )
                     == 0
                 )
+                relayed = await db.fetchval("SELECT count(*) FROM chat.turns WHERE relay_count > 0")
                 assert (
                     await db.fetchval(
                         "SELECT count(*) FROM chat.conversations c WHERE c.message_count <>"
@@ -257,6 +261,7 @@ async def _scenario(
                 seconds=time.monotonic() - started,
                 consumer_kills=len(kills),
                 client_retries=load.retries,
+                relayed=relayed,
                 messages=state.messages,
                 dead_letters=len(dead),
             )
