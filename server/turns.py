@@ -135,8 +135,6 @@ class TurnRunner:
         loop = asyncio.get_running_loop()
         await emit(TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id))
         self._metrics.time_to_turn_started.observe(loop.time() - started_at)
-        first_token = self._metrics.time_to_first_token
-        deltas = self._metrics.text_deltas
         outcome = ReplyOutcome(model=self._llm.model)
         parts: list[str] = []
         history: list[Exchange] = []
@@ -145,18 +143,7 @@ class TurnRunner:
                 history = await self._context.load(
                     turn.conversation_id, owner=turn.owner, before_seq=turn.seq
                 )
-                chunks = self._llm.stream_reply(history=history, text=turn.user_text, outcome=outcome)
-                # aclosing: a cancellation here must close the upstream HTTP stream now,
-                # not whenever the generator is garbage-collected.
-                async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
-                        if not parts:
-                            first_token.labels("upstream").observe(loop.time() - started_at)
-                        parts.append(chunk)
-                        deltas.inc()
-                        await emit(TextDelta(text=chunk))
-                        if len(parts) == 1:
-                            first_token.labels("written").observe(loop.time() - started_at)
+                await self._relay_reply(turn, history, outcome, parts, emit, started_at)
         except asyncio.CancelledError:
             # The client went away or the server is stopping: record what was produced.
             await self._finish_shielded(
@@ -173,7 +160,11 @@ class TurnRunner:
             await self._finish_shielded(turn, history, "".join(parts), TurnStatus.FAILED, outcome, err.reason)
             raise err from exc
 
-        stored = await self._finish(turn, history, "".join(parts), TurnStatus.COMPLETED, outcome, None)
+        # Shielded too: a cancel arriving while the outcome is stored must not leave the
+        # turn STREAMING (to be INTERRUPTED by lease expiry) or unpublished.
+        stored = await self._finish_shielded(
+            turn, history, "".join(parts), TurnStatus.COMPLETED, outcome, None
+        )
         await emit(
             TurnCompleted(
                 status=stored.status,
@@ -182,6 +173,73 @@ class TurnRunner:
                 model=stored.model,
             )
         )
+
+    async def _relay_reply(
+        self,
+        turn: Turn,
+        history: list[Exchange],
+        outcome: ReplyOutcome,
+        parts: list[str],
+        emit: Emit,
+        started_at: float,
+    ) -> None:
+        """Streams the model's reply to the client, coalescing deltas only under back-pressure.
+
+        A child task reads the upstream stream while this task writes. A delta that
+        arrives when no write is in flight is written at once, so an idle stream holds
+        nothing back; deltas that arrive while a write is in flight (a slow client or a
+        busy server) are joined into the next TextDelta. Under load that cuts the gRPC
+        messages, and their per-message CPU, without adding latency when idle. Every
+        delta the model produced is appended to ``parts``, written or not.
+        """
+        loop = asyncio.get_running_loop()
+        first_token = self._metrics.time_to_first_token
+        deltas = self._metrics.text_deltas
+        waiting: list[str] = []
+        arrived = asyncio.Event()
+        ended = False
+
+        async def read() -> None:
+            nonlocal ended
+            chunks = self._llm.stream_reply(history=history, text=turn.user_text, outcome=outcome)
+            try:
+                # aclosing: a cancellation must close the upstream HTTP stream now, not
+                # whenever the generator is garbage-collected.
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        if not parts:
+                            first_token.labels("upstream").observe(loop.time() - started_at)
+                        parts.append(chunk)
+                        waiting.append(chunk)
+                        deltas.inc()
+                        arrived.set()
+            finally:
+                ended = True
+                arrived.set()
+
+        reader = asyncio.create_task(read(), name=f"upstream reader {turn.id}")
+        try:
+            written = False
+            while True:
+                if not waiting and not ended:
+                    await arrived.wait()
+                    arrived.clear()
+                if waiting:
+                    text = "".join(waiting)
+                    waiting.clear()
+                    await emit(TextDelta(text=text))
+                    if not written:
+                        written = True
+                        first_token.labels("written").observe(loop.time() - started_at)
+                elif ended:
+                    break
+            await reader  # raises what the upstream raised
+        finally:
+            if not reader.done():
+                reader.cancel()
+                # The reader's own cancellation is expected; ours, if any, propagates after.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
 
     async def renew_leases(self) -> None:
         """Extends the leases of every turn this process is streaming (one statement)."""
@@ -336,7 +394,7 @@ class TurnRunner:
         status: TurnStatus,
         outcome: ReplyOutcome,
         error_reason: str | None,
-    ) -> None:
+    ) -> Turn:
         """``_finish`` in a task of its own that a cancellation of the call cannot stop.
 
         The task is tracked so that shutdown waits for it before closing the pools it uses.
@@ -344,7 +402,7 @@ class TurnRunner:
         task = asyncio.create_task(self._finish(turn, history, text, status, outcome, error_reason))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
     async def _finish(
         self,

@@ -31,7 +31,8 @@ async def test_full_turn_streams_events_and_persists_both_messages(
     db: asyncpg.Connection,
     redis: aioredis.Redis,
 ) -> None:
-    fake.script(Stream(["Hel", "lo", " there"], input_tokens=9, output_tokens=3))
+    # Deltas 20 ms apart: an idle stream writes each one as it comes, none held back.
+    fake.script(Stream(["Hel", "lo", " there"], input_tokens=9, output_tokens=3, delay_s=0.02))
 
     events = await _collect(client, "hi")
 
@@ -109,7 +110,7 @@ async def test_no_transaction_is_open_while_a_reply_is_held_mid_stream(
     client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
     """I6: mid-reply, after tokens flowed, nothing of ours sits idle in a transaction."""
-    fake.script(Stream(["a", "b"], then="stall"))
+    fake.script(Stream(["a", "b"], then="stall", delay_s=0.02))
     async with contextlib.aclosing(client.chat("hold it")) as events:
         received = [await anext(events) for _ in range(3)]
         assert [e.WhichOneof("kind") for e in received] == ["started", "text_delta", "text_delta"]
@@ -262,3 +263,16 @@ async def test_second_concurrent_turn_on_a_conversation_is_aborted(
         assert [e.WhichOneof("kind") async for e in events][-1] == "completed"
     assert len(fake.requests) == 2
     assert await db.fetchval("SELECT count(*) FROM chat.turns") == 2
+
+
+async def test_a_burst_of_deltas_is_coalesced_into_fewer_messages_with_the_same_text(
+    client: AsyncChatClient, fake: FakeAnthropic
+) -> None:
+    """Deltas that arrive while a write is in flight are joined, never dropped or reordered."""
+    words = [f"w{i} " for i in range(200)]
+    fake.script(Stream(words))
+    events = await _collect(client, "burst")
+    deltas = [e.text_delta.text for e in events if e.HasField("text_delta")]
+    assert "".join(deltas) == "".join(words)
+    assert len(deltas) < len(words)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))

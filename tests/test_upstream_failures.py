@@ -133,7 +133,7 @@ async def test_client_cancel_closes_the_upstream_stream_within_a_second_and_keep
     client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection, consume: Consume
 ) -> None:
     """I8: the upstream HTTP stream is closed promptly after the caller leaves."""
-    fake.script(Stream(["so", " far"], then="stall"))
+    fake.script(Stream(["so", " far"], then="stall", delay_s=0.02))
     async with contextlib.aclosing(client.chat("cancel me")) as events:
         received = [await anext(events) for _ in range(3)]
         assert received[-1].text_delta.text == " far"
@@ -154,7 +154,7 @@ async def test_client_cancel_closes_the_upstream_stream_within_a_second_and_keep
 async def test_deadline_cancels_the_turn_and_the_upstream(
     client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
-    fake.script(Stream(["before", " deadline"], then="stall"))
+    fake.script(Stream(["before", " deadline"], then="stall", delay_s=0.02))
     events: list[TurnEvent] = []
 
     async def chat() -> None:

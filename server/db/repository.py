@@ -304,17 +304,32 @@ async def insert_messages(session: AsyncSession, turns: Sequence[Turn]) -> int:
         },
     )
     inserted = Counter(row[0] for row in result)
-    # Sorted so concurrent consumers lock conversation rows in the same order (no deadlock).
-    for conversation_id in sorted(inserted):
+    if inserted:
+        conversation_ids = sorted(inserted)
+        # Lock the counters in id order first, so two consumers whose batches share
+        # conversations (after XAUTOCLAIM) cannot deadlock; then one UPDATE for all.
         await session.execute(
-            update(ConversationRow)
-            .where(ConversationRow.id == conversation_id)
-            .values(message_count=ConversationRow.message_count + inserted[conversation_id])
+            text(
+                "SELECT 1 FROM chat.conversations WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY id FOR UPDATE"
+            ),
+            {"ids": conversation_ids},
+        )
+        await session.execute(
+            text(
+                """
+                UPDATE chat.conversations AS c SET message_count = c.message_count + d.n
+                FROM unnest(CAST(:ids AS uuid[]), CAST(:counts AS int[])) AS d(id, n)
+                WHERE c.id = d.id
+                """
+            ),
+            {"ids": conversation_ids, "counts": [inserted[i] for i in conversation_ids]},
         )
     await session.execute(
-        update(TurnRow)
-        .where(TurnRow.id.in_({turn.id for turn in turns}), TurnRow.persisted_at.is_(None))
-        .values(persisted_at=func.now())
+        text(
+            "UPDATE chat.turns SET persisted_at = now()"
+            " WHERE id = ANY(CAST(:ids AS uuid[])) AND persisted_at IS NULL"
+        ),
+        {"ids": list({turn.id for turn in turns})},
     )
     return sum(inserted.values())
 
