@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -94,10 +94,13 @@ class LlmClient:
     ) -> AsyncGenerator[str, None]:
         """Yields the reply's text deltas as they arrive; fills ``outcome`` on the way.
 
-        Iterates the raw events of ``messages.create(stream=True)`` rather than the
-        ``messages.stream()`` helper, which builds a snapshot per delta at about twice
-        the CPU cost. Use it under ``contextlib.aclosing`` so that cancelling the
-        consumer closes the upstream HTTP stream at once.
+        The SDK sends the request (auth, retries before the first byte, error classes),
+        but the event stream is parsed here, line by line, from its raw response: typed
+        event models cost about 30 µs per delta and the ``messages.stream()`` helper
+        about 72 µs, against about 12 µs for this (the benchmarks' largest hot spot).
+        Only the four events that matter are decoded. Use it under
+        ``contextlib.aclosing`` so that cancelling the consumer closes the upstream HTTP
+        stream at once.
 
         Raises:
             UpstreamUnavailableError: overloaded, rate limited, timed out, disconnected,
@@ -107,30 +110,47 @@ class LlmClient:
         outcome.model = self._model
         stopped = False
         try:
-            stream = await self._client.messages.create(
+            async with self._client.messages.with_streaming_response.create(
                 model=self._model,
                 max_tokens=self._max_tokens,
                 messages=build_messages(history, text),
                 system=self._system or anthropic.omit,
                 stream=True,
                 timeout=anthropic.NOT_GIVEN if read_timeout is None else read_timeout.total_seconds(),
-            )
-            async with stream:
-                async for event in stream:
-                    if event.type == "content_block_delta":
-                        if event.delta.type == "text_delta" and event.delta.text:
-                            yield event.delta.text
-                    elif event.type == "message_start":
-                        outcome.model = event.message.model or self._model
-                        outcome.input_tokens = _total_input(event.message.usage)
-                        outcome.output_tokens = event.message.usage.output_tokens
-                    elif event.type == "message_delta":
-                        outcome.stop_reason = event.delta.stop_reason
-                        outcome.output_tokens = event.usage.output_tokens
-                        if event.usage.input_tokens is not None:
-                            outcome.input_tokens = _total_input(event.usage)
-                    elif event.type == "message_stop":
+            ) as response:
+                event = ""
+                data: list[str] = []
+                async for line in response.iter_lines():
+                    if line:
+                        # SSE fields (ANTHROPIC_STREAMING.md §2.1); comments, id and retry are ignored.
+                        if line.startswith("data:"):
+                            data.append(line[6:] if line.startswith("data: ") else line[5:])
+                        elif line.startswith("event:"):
+                            event = line[6:].strip()
+                        continue
+                    name, payload = event, "\n".join(data)
+                    event, data = "", []
+                    if name == "content_block_delta":
+                        delta = json.loads(payload)["delta"]
+                        if delta.get("type") == "text_delta" and delta.get("text"):
+                            yield delta["text"]
+                    elif name == "message_start":
+                        message = json.loads(payload)["message"]
+                        outcome.model = message.get("model") or self._model
+                        outcome.input_tokens = _total_input(message["usage"])
+                        outcome.output_tokens = message["usage"]["output_tokens"]
+                    elif name == "message_delta":
+                        body = json.loads(payload)
+                        outcome.stop_reason = body["delta"].get("stop_reason")
+                        outcome.output_tokens = body["usage"]["output_tokens"]
+                        if body["usage"].get("input_tokens") is not None:
+                            outcome.input_tokens = _total_input(body["usage"])
+                    elif name == "message_stop":
                         stopped = True
+                    elif name == "error":
+                        raise _stream_error(payload)
+                    # ping, content_block_start/stop, unknown events and frames without
+                    # an event name are dropped, as the SDK drops them.
         except ChatError:
             raise
         except Exception as exc:
@@ -142,24 +162,33 @@ class LlmClient:
             )
 
 
-def _total_input(usage: anthropic.types.Usage | anthropic.types.MessageDeltaUsage) -> int:
+def _total_input(usage: Mapping[str, int | None]) -> int:
     return (
-        (usage.input_tokens or 0)
-        + (usage.cache_creation_input_tokens or 0)
-        + (usage.cache_read_input_tokens or 0)
+        (usage.get("input_tokens") or 0)
+        + (usage.get("cache_creation_input_tokens") or 0)
+        + (usage.get("cache_read_input_tokens") or 0)
     )
+
+
+def _stream_error(payload: str) -> ChatError:
+    """A mid-stream ``event: error``: sorted by its type, never by the HTTP 200 (§4)."""
+    try:
+        error_type = json.loads(payload)["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        error_type = None
+    if error_type in _TRANSIENT_STREAM_ERRORS:
+        return UpstreamUnavailableError(
+            "the model is temporarily unavailable", metadata={"cause": error_type}
+        )
+    logger.error("upstream stream error: type=%s", error_type)
+    return InternalError("internal error")
 
 
 def _sort(exc: Exception) -> ChatError:
     """Transient upstream trouble becomes UNAVAILABLE; anything else is our problem (INTERNAL)."""
+    # Mid-stream `event: error`s never get here: the stream parser sorts them (_stream_error).
     if isinstance(exc, anthropic.APIStatusError):
-        if exc.status_code == 200:
-            # A mid-stream `event: error`: sort by its type, never by the 200 (§4).
-            if exc.type in _TRANSIENT_STREAM_ERRORS:
-                return UpstreamUnavailableError(
-                    "the model is temporarily unavailable", metadata={"cause": exc.type or ""}
-                )
-        elif exc.status_code in (408, 409, 429) or exc.status_code >= 500:
+        if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
             return UpstreamUnavailableError(
                 "the model is temporarily unavailable",
                 retry_after=_retry_after(exc.response),
@@ -171,10 +200,11 @@ def _sort(exc: Exception) -> ChatError:
         return UpstreamUnavailableError(
             "the model is temporarily unavailable", metadata={"cause": "connection"}
         )
-    if isinstance(exc, AssertionError | IndexError | AttributeError | json.JSONDecodeError):
-        logger.error("upstream sent a malformed stream: %r", exc)
+    if isinstance(exc, KeyError | TypeError | ValueError):
+        # Our parser met an event without the fields the protocol promises, or bad JSON.
+        logger.error("upstream sent a malformed stream: %s", exc.__class__.__name__)
         return InternalError("internal error")
-    logger.error("unexpected upstream failure: %r", exc)
+    logger.error("unexpected upstream failure: %s", exc.__class__.__name__)
     return InternalError("internal error")
 
 
