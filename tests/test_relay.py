@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import subprocess
 import sys
 import uuid
@@ -406,4 +405,3 @@ async def test_no_stream_entry_or_row_is_written_for_rejected_calls(
         await client.chat_reply("")
     assert await stream_lengths(redis) == [0, 0, 0, 0]
     assert await db.fetchval("SELECT count(*) FROM chat.turns") == 0
-    _ = json  # keep the import list honest for future payload checks
