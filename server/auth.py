@@ -127,17 +127,6 @@ class CurrentPrincipal:
         return principal.owner
 
 
-class SingleOwner:
-    """Every caller acts as one fixed owner, ignoring the interceptor: for embedding in tests."""
-
-    def __init__(self, owner: str = SINGLE_OWNER) -> None:
-        self._owner = owner
-
-    def owner(self, context: grpc.aio.ServicerContext[RequestT, ResponseT]) -> str:
-        """Always the configured owner."""
-        return self._owner
-
-
 def hash_api_key(key: str) -> str:
     """The hex SHA-256 of an API key, as stored in ``CHATSTREAM_API_KEYS``.
 
