@@ -127,9 +127,10 @@ async def test_lag_watch_prints_json_lines_until_ctrl_c(settings: Settings) -> N
         env=_redis_only_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None
-    lines = [await asyncio.wait_for(process.stdout.readline(), 15) for _ in range(2)]
+    # Generous waits: a loaded CI machine takes seconds just to start the interpreter.
+    lines = [await asyncio.wait_for(process.stdout.readline(), 60) for _ in range(2)]
     process.send_signal(signal.SIGINT)
-    _, stderr = await asyncio.wait_for(process.communicate(), 15)
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
 
     assert process.returncode == 0, stderr
     assert [json.loads(line)["group"] for line in lines] == [PERSISTENCE_GROUP] * 2

@@ -8,7 +8,7 @@ import asyncpg
 
 from server.app import ChatServer
 from server.config import Settings
-from tests.conftest import eventually
+from tests.conftest import StartServer, eventually
 from tests.fake_anthropic import Error, FakeAnthropic, Stream
 from tests.processes import settings_env
 from tests.terminal import Terminal, run_cli
@@ -49,9 +49,11 @@ async def test_chat_streams_replies_keeps_context_and_exits_on_ctrl_d(
 
 
 async def test_ctrl_c_cancels_the_reply_in_flight_and_returns_to_the_prompt(
-    server: ChatServer, settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection
+    start_server: StartServer, settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
-    # The reply stalls after two deltas: it can only end by being cancelled.
+    # The reply stalls after two deltas: it can only end by being cancelled, not by the
+    # upstream read timeout, however slowly a loaded machine delivers the Ctrl-C.
+    server = await start_server(llm_timeout_s=60)
     fake.script(Stream(["Partial", " answer"], then="stall"))
     with Terminal("chat", "--target", server.address, env=settings_env(settings)) as term:
         name = (await term.expect(NAME))[1]
