@@ -173,8 +173,8 @@ class PostgresProcess:
     def restart(self) -> None:
         """An immediate shutdown (every connection dropped) and a start, as in a crash-restart.
 
-        pg_ctl itself has been seen to crash (SIGSEGV) once in many runs here; the
-        restart is then completed by starting the cluster until it reports running.
+        Should one pg_ctl call fail, the restart is completed by starting the cluster
+        until it reports running.
         """
         self._pg_ctl_run("-m", "immediate", "-w", "-l", str(self._dir / "pg" / "restart.log"), "restart")
         for _ in range(5):
@@ -184,14 +184,17 @@ class PostgresProcess:
         raise AssertionError("PostgreSQL did not come back after a restart")
 
     def _pg_ctl_run(self, *args: str) -> int:
+        # runuser switches to pgserver's user in its own process: subprocess's user=
+        # makes CPython fork() this multi-threaded test process and change users in the
+        # child, which was seen to crash (SIGSEGV) while gRPC threads were busy.
+        prefix = ["runuser", "-u", self._server.system_user, "--"] if self._server.system_user else []
         # The restarted postmaster would inherit captured pipes and keep them open, so
         # its output goes to a log file and ours to /dev/null.
         return subprocess.run(
-            [str(self._pg_ctl), "-D", str(self._dir / "pg"), *args],
+            [*prefix, str(self._pg_ctl), "-D", str(self._dir / "pg"), *args],
             check=False,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            user=self._server.system_user or None,
             timeout=60,
         ).returncode
 
