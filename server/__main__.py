@@ -10,6 +10,7 @@ import asyncio
 import importlib
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -179,6 +180,11 @@ def dev(listen: str | None, data_dir: Path | None) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: Ctrl-C in `chat` or `lag --watch` (and SIGINT sent by
+    # a supervisor) would do nothing. Every command here means Ctrl-C to stop it.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     cli()
 
 
