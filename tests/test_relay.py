@@ -367,12 +367,17 @@ async def test_fifty_parallel_creates_of_one_new_conversation_make_one_conversat
 
     tasks = [asyncio.create_task(attempt()) for _ in range(50)]
     await gate.wait_reached(timeout=10)
-    await asyncio.sleep(0.2)  # let the other 49 hit the streaming turn
+
+    async def the_others_are_refused() -> bool:
+        return sum(task.done() for task in tasks) == 49
+
+    # While the one turn that won is held mid-stream, all 49 others end, refused.
+    await eventually(the_others_are_refused, timeout_s=30, what="49 calls to be refused")
+    assert [t.result() for t in tasks if t.done()] == ["ABORTED/TURN_IN_PROGRESS"] * 49
     gate.open()
     outcomes = await asyncio.gather(*tasks)
 
-    assert outcomes.count("OK") == 1
-    assert set(outcomes) <= {"OK", "OK replay", "ABORTED/TURN_IN_PROGRESS"}
+    assert sorted(outcomes) == ["ABORTED/TURN_IN_PROGRESS"] * 49 + ["OK"]
     assert await db.fetchval("SELECT count(*) FROM chat.conversations") == 1
     assert await db.fetchval("SELECT count(*) FROM chat.turns") == 1
     assert len(fake.requests) == 1
