@@ -90,7 +90,6 @@ class LlmClient:
         history: Sequence[Exchange],
         text: str,
         outcome: ReplyOutcome,
-        read_timeout: timedelta | None = None,
     ) -> AsyncGenerator[str, None]:
         """Yields the reply's text deltas as they arrive; fills ``outcome`` on the way.
 
@@ -116,7 +115,6 @@ class LlmClient:
                 messages=build_messages(history, text),
                 system=self._system or anthropic.omit,
                 stream=True,
-                timeout=anthropic.NOT_GIVEN if read_timeout is None else read_timeout.total_seconds(),
             ) as response:
                 event = ""
                 data: list[str] = []
