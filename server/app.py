@@ -21,6 +21,7 @@ from server.config import AuthMode, Settings
 from server.context import ContextStore
 from server.conversations import ConversationService
 from server.db.engine import create_engine, create_sessionmaker
+from server.db.hot import HotPath, create_pool
 from server.edge import EdgeInterceptor
 from server.limits import StreamLimiter
 from server.llm import LlmClient
@@ -167,12 +168,17 @@ class ChatServer:
         llm = LlmClient(settings)
         self._stack.push_async_callback(llm.close)
 
+        hot_pool = await create_pool(settings)
+        self._stack.push_async_callback(hot_pool.close)
+        hot = HotPath(hot_pool, log_transactions=settings.log_transactions)
         context = ContextStore(
-            redis, sessionmaker, max_turns=settings.context_max_turns, ttl_s=settings.context_cache_ttl_s
+            redis, hot, max_turns=settings.context_max_turns, ttl_s=settings.context_cache_ttl_s
         )
         runner = TurnRunner(
             settings=settings,
             sessionmaker=sessionmaker,
+            hot=hot,
+            redis=redis,
             llm=llm,
             context=context,
             publisher=TurnPublisher(redis, shards=settings.shards),

@@ -11,8 +11,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from server.constants import context_key
-from server.db import repository
-from server.db.engine import SessionMaker
+from server.db.hot import HotPath
 from server.domain import Exchange
 
 logger = logging.getLogger(__name__)
@@ -27,11 +26,9 @@ class ContextStore:
     by unit of work 2) is the fallback and the truth. Redis failures only cost a read.
     """
 
-    def __init__(
-        self, redis: aioredis.Redis, sessionmaker: SessionMaker, *, max_turns: int, ttl_s: int
-    ) -> None:
+    def __init__(self, redis: aioredis.Redis, hot: HotPath, *, max_turns: int, ttl_s: int) -> None:
         self._redis = redis
-        self._sessionmaker = sessionmaker
+        self._hot = hot
         self._max_turns = max_turns
         self._ttl_s = ttl_s
 
@@ -46,11 +43,10 @@ class ContextStore:
             # reaching another owner who re-creates the same id.
             if cached_owner == owner and through == before_seq - 1:
                 return exchanges[-self._max_turns :]
-        # A short read-only unit of work, closed before the model is called.
-        async with self._sessionmaker.begin() as session:
-            exchanges = await repository.list_exchanges(
-                session, conversation_id=conversation_id, before_seq=before_seq, limit=self._max_turns
-            )
+        # One read-only statement, done before the model is called.
+        exchanges = await self._hot.list_exchanges(
+            conversation_id=conversation_id, before_seq=before_seq, limit=self._max_turns
+        )
         await self.remember(conversation_id, owner=owner, through=before_seq - 1, exchanges=exchanges)
         return exchanges
 
@@ -58,16 +54,28 @@ class ContextStore:
         self, conversation_id: uuid.UUID, *, owner: str, through: int, exchanges: Sequence[Exchange]
     ) -> None:
         """Caches the exchanges up to and including turn ``through``; best effort."""
+        key, value = self.entry(conversation_id, owner=owner, through=through, exchanges=exchanges)
+        try:
+            await self._redis.set(key, value, ex=self._ttl_s)
+        except redis.exceptions.RedisError as exc:
+            logger.warning("context cache write failed: %s", exc.__class__.__name__)
+
+    @property
+    def ttl_s(self) -> int:
+        """How long a cached entry lives, in seconds."""
+        return self._ttl_s
+
+    def entry(
+        self, conversation_id: uuid.UUID, *, owner: str, through: int, exchanges: Sequence[Exchange]
+    ) -> tuple[str, str]:
+        """The cache key and value ``remember`` writes, for callers that batch the write."""
         kept = list(exchanges)[-self._max_turns :] if self._max_turns else []
         value = json.dumps(
             {"owner": owner, "through": through, "x": [[e.seq, e.user_text, e.assistant_text] for e in kept]},
             ensure_ascii=False,
             separators=(",", ":"),
         )
-        try:
-            await self._redis.set(context_key(str(conversation_id)), value, ex=self._ttl_s)
-        except redis.exceptions.RedisError as exc:
-            logger.warning("context cache write failed: %s", exc.__class__.__name__)
+        return context_key(str(conversation_id)), value
 
     async def forget(self, conversation_id: uuid.UUID) -> None:
         """Drops a conversation's cached context; best effort (the owner check covers misses)."""

@@ -7,6 +7,7 @@ import zlib
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from server.constants import turns_stream
 from server.domain import Turn
@@ -41,5 +42,9 @@ class TurnPublisher:
         """Appends several turns in one round trip (the relay's batch path)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for turn in turns:
-                pipe.xadd(self.stream_for(turn.conversation_id), encode_turn(turn))  # type: ignore[arg-type]
+                self.queue(pipe, turn)
             await pipe.execute()
+
+    def queue(self, pipe: Pipeline, turn: Turn) -> None:
+        """Queues the XADD of ``turn`` on a pipeline the caller executes with its other commands."""
+        pipe.xadd(self.stream_for(turn.conversation_id), encode_turn(turn))  # type: ignore[arg-type]

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
 
+import asyncpg
+import redis.asyncio as aioredis
 import redis.exceptions
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,6 +24,7 @@ from server.config import Settings
 from server.context import ContextStore
 from server.db import repository
 from server.db.engine import SessionMaker
+from server.db.hot import HotPath
 from server.domain import Exchange, TextDelta, Turn, TurnCompleted, TurnEvent, TurnStarted, TurnStatus
 from server.errors import (
     DeadlineExceededError,
@@ -30,6 +33,7 @@ from server.errors import (
     StorageUnavailableError,
     TurnInProgressError,
     classify,
+    is_database_outage,
 )
 from server.llm import LlmClient, ReplyOutcome
 from server.logs import bind_log_fields, unbind_log_fields
@@ -73,6 +77,8 @@ class TurnRunner:
         *,
         settings: Settings,
         sessionmaker: SessionMaker,
+        hot: HotPath,
+        redis: aioredis.Redis,
         llm: LlmClient,
         context: ContextStore,
         publisher: TurnPublisher,
@@ -81,6 +87,8 @@ class TurnRunner:
         self._settings = settings
         self._metrics = metrics
         self._sessionmaker = sessionmaker
+        self._hot = hot
+        self._redis = redis
         self._llm = llm
         self._context = context
         self._publisher = publisher
@@ -280,7 +288,12 @@ class TurnRunner:
 
         Committed before anything is sent, so the conversation and the user's message
         are durable and visible to other connections when TurnStarted arrives (I3).
+        The common case is one statement (``HotPath.start_turn``); the rest (retries,
+        takeovers, conflicts, errors) goes through the general path below.
         """
+        turn = await self._start_fast(request)
+        if turn is not None:
+            return turn
         interrupted: list[Turn] = []
         async with self._sessionmaker.begin() as session:
             if request.request_id is not None:
@@ -321,6 +334,30 @@ class TurnRunner:
         if interrupted:
             await self._publish(interrupted)
         return turn
+
+    async def _start_fast(self, request: ChatInput) -> Turn | None:
+        """The one-statement unit of work 1; None when the general path must decide."""
+        try:
+            return await self._hot.start_turn(
+                owner=request.owner,
+                conversation_id=request.conversation_id,
+                turn_id=uuid.uuid4(),
+                request_id=request.request_id,
+                user_text=request.text,
+                model=self._llm.model,
+                lease=self._lease,
+            )
+        except asyncpg.ForeignKeyViolationError:
+            # A new conversation whose (owner, request_id) is taken: the statement rolled
+            # back, and the general path finds what that request_id already made.
+            return None
+        except Exception as exc:
+            if not is_database_outage(exc):
+                raise
+            # The general path's pool pings its connections first; if PostgreSQL is
+            # really gone it fails there with the same UNAVAILABLE.
+            logger.info("fast unit of work 1 hit a database outage (%s)", exc.__class__.__name__)
+            return None
 
     async def _expired(self, session: AsyncSession, turn: Turn) -> bool:
         """Interrupts ``turn``'s conversation's expired STREAMING turn; True if ``turn`` was one."""
@@ -429,8 +466,17 @@ class TurnRunner:
         if stored is None:
             # The conversation was deleted while the reply streamed: nothing to relay.
             return turn
-        await self._publish([stored])
-        await self._context.remember(
+        await self._publish_and_cache(stored, history)
+        return stored
+
+    async def _publish_and_cache(self, stored: Turn, history: list[Exchange]) -> None:
+        """XADDs the turn and refreshes the context cache in one Redis round trip.
+
+        Each command's failure is logged, never raised: the committed turn row is the
+        outbox (the relay re-publishes what this misses), and a missing or stale cache
+        entry only costs the next turn a read from PostgreSQL.
+        """
+        key, value = self._context.entry(
             stored.conversation_id,
             owner=stored.owner,
             through=stored.seq,
@@ -439,23 +485,39 @@ class TurnRunner:
                 Exchange(seq=stored.seq, user_text=stored.user_text, assistant_text=stored.assistant_text),
             ],
         )
-        return stored
+        try:
+            async with asyncio.timeout(_PUBLISH_TIMEOUT_S):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    self._publisher.queue(pipe, stored)
+                    pipe.set(key, value, ex=self._context.ttl_s)
+                    published, cached = await pipe.execute(raise_on_error=False)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            logger.warning(
+                "publishing turn %s failed (%s); the relay will retry", stored.id, exc.__class__.__name__
+            )
+            return
+        if isinstance(published, Exception):
+            logger.warning(
+                "publishing turn %s failed (%s); the relay will retry",
+                stored.id,
+                published.__class__.__name__,
+            )
+        if isinstance(cached, Exception):
+            logger.warning("context cache write failed: %s", cached.__class__.__name__)
 
     async def _store_outcome(
         self, turn: Turn, text: str, status: TurnStatus, outcome: ReplyOutcome, error_reason: str | None
     ) -> Turn | None:
         for delay in (*_FINISH_RETRY_DELAYS_S, None):
             try:
-                async with self._sessionmaker.begin() as session:
-                    return await repository.update_turn_outcome(
-                        session,
-                        turn_id=turn.id,
-                        assistant_text=text,
-                        status=status,
-                        stop_reason=outcome.stop_reason,
-                        usage=outcome.usage,
-                        error_reason=error_reason,
-                    )
+                return await self._hot.store_outcome(
+                    turn_id=turn.id,
+                    assistant_text=text,
+                    status=status,
+                    stop_reason=outcome.stop_reason,
+                    usage=outcome.usage,
+                    error_reason=error_reason,
+                )
             except Exception as exc:
                 if delay is None or not isinstance(classify(exc), StorageUnavailableError):
                     raise

@@ -276,3 +276,58 @@ async def test_a_burst_of_deltas_is_coalesced_into_fewer_messages_with_the_same_
     assert "".join(deltas) == "".join(words)
     assert len(deltas) < len(words)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_turns_of_one_conversation_are_numbered_in_order_with_matching_counters(
+    client: AsyncChatClient, db: asyncpg.Connection
+) -> None:
+    """Unit of work 1's single statement numbers turns and bumps turn_count together."""
+    first = await client.chat_reply("one")
+    for text in ("two", "three", "four"):
+        await client.chat_reply(text, conversation=first.conversation)
+    conversation_id = _id(first.conversation)
+    rows = await db.fetch(
+        "SELECT seq, user_text FROM chat.turns WHERE conversation_id = $1 ORDER BY seq", conversation_id
+    )
+    assert [(r["seq"], r["user_text"]) for r in rows] == [(1, "one"), (2, "two"), (3, "three"), (4, "four")]
+    assert await db.fetchval("SELECT turn_count FROM chat.conversations WHERE id = $1", conversation_id) == 4
+
+
+async def test_a_rejected_turn_does_not_bump_the_conversation_counter(
+    client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """A turn refused because another one streams leaves turn_count as it was (one statement, all or nothing)."""
+    first = await client.chat_reply("one")
+    gate = Gate()
+    fake.script(Stream(["slow"], hold=gate))
+    async with contextlib.aclosing(client.chat("two", conversation=first.conversation)) as events:
+        await anext(events)
+        await gate.wait_reached(timeout=5)
+        with pytest.raises(ChatClientError):
+            await client.chat_reply("refused", conversation=first.conversation)
+        gate.open()
+        async for _ in events:
+            pass
+    third = await client.chat_reply("three", conversation=first.conversation)
+    conversation_id = _id(first.conversation)
+    assert await db.fetchval("SELECT turn_count FROM chat.conversations WHERE id = $1", conversation_id) == 3
+    assert (
+        await db.fetchval("SELECT max(seq) FROM chat.turns WHERE conversation_id = $1", conversation_id) == 3
+    )
+    assert third.conversation == first.conversation
+
+
+async def test_chat_with_the_request_id_of_a_created_conversation_joins_it_and_leaves_no_orphan(
+    client: AsyncChatClient, db: asyncpg.Connection
+) -> None:
+    """The new-conversation statement rolls back whole when (owner, request_id) names a conversation.
+
+    The turn is inserted before its conversation; with the conversation insert skipped,
+    the foreign key fails at the end of the statement, nothing is written, and the
+    general path puts the turn into the conversation that request_id created.
+    """
+    created = await client.create_conversation(request_id="shared-key")
+    reply = await client.chat_reply("hello", request_id="shared-key")
+    assert reply.conversation == created.name
+    assert await db.fetchval("SELECT count(*) FROM chat.conversations") == 1
+    assert await db.fetchval("SELECT count(*) FROM chat.turns") == 1

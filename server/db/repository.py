@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.db.tables import ConversationRow, MessageRow, TurnRow
-from server.domain import Conversation, Exchange, Message, Role, Turn, TurnStatus, Usage
+from server.domain import Conversation, Message, Role, Turn, TurnStatus, Usage
 from server.errors import NotFoundError
 
 # The same message (turn, role) always gets the same id, so its resource name is
@@ -183,67 +183,6 @@ async def find_turn_by_request_id(session: AsyncSession, *, owner: str, request_
         select(TurnRow).where(TurnRow.owner == owner, TurnRow.request_id == request_id)
     )
     return None if row is None else _turn(row)
-
-
-async def update_turn_outcome(
-    session: AsyncSession,
-    *,
-    turn_id: uuid.UUID,
-    assistant_text: str,
-    status: TurnStatus,
-    stop_reason: str | None,
-    usage: Usage,
-    error_reason: str | None,
-) -> Turn | None:
-    """Stores how a STREAMING turn ended; returns the stored turn.
-
-    Only a turn still STREAMING is updated, so an outcome decided elsewhere (the lease
-    sweeper marked it INTERRUPTED) is never overwritten; then the stored turn is
-    returned as it is. None if the turn is gone (its conversation was deleted).
-    """
-    row = await session.scalar(
-        update(TurnRow)
-        .where(TurnRow.id == turn_id, TurnRow.status == TurnStatus.STREAMING.value)
-        .values(
-            assistant_text=assistant_text,
-            status=status.value,
-            stop_reason=stop_reason,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            error_reason=error_reason,
-            completed_at=func.now(),
-            lease_expires_at=None,
-        )
-        .returning(TurnRow)
-    )
-    if row is None:
-        row = await session.scalar(select(TurnRow).where(TurnRow.id == turn_id))
-    return None if row is None else _turn(row)
-
-
-async def list_exchanges(
-    session: AsyncSession, *, conversation_id: uuid.UUID, before_seq: int, limit: int
-) -> list[Exchange]:
-    """The last ``limit`` ended turns before ``before_seq``, oldest first, for the prompt.
-
-    Reads turn rows, not messages: the turn row is written synchronously by unit of
-    work 2, so the next turn sees it even while the consumer is stopped (I11).
-    """
-    if limit <= 0:
-        return []
-    rows = await session.execute(
-        select(TurnRow.seq, TurnRow.user_text, TurnRow.assistant_text)
-        .where(
-            TurnRow.conversation_id == conversation_id,
-            TurnRow.seq < before_seq,
-            TurnRow.status != TurnStatus.STREAMING.value,
-        )
-        .order_by(TurnRow.seq.desc())
-        .limit(limit)
-    )
-    exchanges = [Exchange(seq=seq, user_text=user, assistant_text=assistant) for seq, user, assistant in rows]
-    exchanges.reverse()
-    return exchanges
 
 
 async def insert_messages(session: AsyncSession, turns: Sequence[Turn]) -> int:
