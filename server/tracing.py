@@ -90,7 +90,7 @@ def configure_tracing(default_service_name: str) -> bool:
     SQLAlchemyInstrumentor().instrument(skip_dep_check=True)
     # SQLAlchemy's spans cover the ORM units of work; the per-turn statements run on a
     # raw asyncpg pool (server/db/hot.py) and get theirs from asyncpg's instrumentation.
-    AsyncPGInstrumentor().instrument()
+    AsyncPGInstrumentor().instrument()  # type: ignore[no-untyped-call]
     RedisInstrumentor().instrument()
     _state["provider"] = provider
     logger.info("OpenTelemetry tracing on (service %s)", service_name)

@@ -25,7 +25,7 @@ from server.app import ChatServer, create_redis
 from server.config import Settings
 from server.constants import turns_stream
 from server.consumer.worker import PersistenceWorker, WorkerStats
-from server.db.engine import create_engine, create_sessionmaker
+from server.db.hot import HotPath, create_pool
 from server.db.migrate import upgrade
 from server.embedded import embedded_services
 from tests.fake_anthropic import FakeAnthropic
@@ -166,19 +166,17 @@ Consume = Callable[[], Awaitable[WorkerStats]]
 @pytest.fixture
 async def consume(settings: Settings) -> AsyncIterator[Consume]:
     """Runs the persistence consumer in burst mode: drains every shard, then returns."""
-    engine = create_engine(settings, pool_size=2)
+    pool = await create_pool(settings)
     redis_client = create_redis(settings)
 
     async def run() -> WorkerStats:
-        worker = PersistenceWorker.from_settings(
-            settings, redis=redis_client, sessionmaker=create_sessionmaker(engine)
-        )
+        worker = PersistenceWorker.from_settings(settings, redis=redis_client, hot=HotPath(pool))
         await worker.run(burst=True)
         return worker.stats
 
     yield run
     await redis_client.aclose()
-    await engine.dispose()
+    await pool.close()
 
 
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]

@@ -296,7 +296,7 @@ async def test_turns_of_one_conversation_are_numbered_in_order_with_matching_cou
 async def test_a_rejected_turn_does_not_bump_the_conversation_counter(
     client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
-    """A turn refused because another one streams leaves turn_count as it was (one statement, all or nothing)."""
+    """A turn refused while another streams leaves turn_count as it was: one statement, all or nothing."""
     first = await client.chat_reply("one")
     gate = Gate()
     fake.script(Stream(["slow"], hold=gate))

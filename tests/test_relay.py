@@ -24,6 +24,7 @@ from server.consumer.process import run_consumer
 from server.consumer.relay import Relay
 from server.consumer.worker import PersistenceWorker
 from server.db.engine import create_engine, create_sessionmaker
+from server.db.hot import HotPath, create_pool
 from server.events import encode_turn
 from server.publisher import TurnPublisher, shard_for
 from tests.conftest import Consume, StartServer, eventually, stream_entries, stream_lengths
@@ -197,12 +198,10 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_persisted(
 ) -> None:
     for i in range(6):
         await client.chat_reply(f"m{i}")
-    engine = create_engine(settings, pool_size=2)
+    pool = await create_pool(settings)
     redis_client = create_redis(settings)
     try:
-        worker = PersistenceWorker.from_settings(
-            settings, redis=redis_client, sessionmaker=create_sessionmaker(engine)
-        )
+        worker = PersistenceWorker.from_settings(settings, redis=redis_client, hot=HotPath(pool))
         await worker.ensure_groups()
         # A consumer reads everything and dies before acknowledging.
         for k in range(settings.shards):
@@ -211,13 +210,13 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_persisted(
         rescuer = PersistenceWorker.from_settings(
             replace(settings, consumer_claim_idle_ms=10),
             redis=redis_client,
-            sessionmaker=create_sessionmaker(engine),
+            hot=HotPath(pool),
             consumer_name="rescuer",
         )
         await rescuer.run(burst=True)
     finally:
         await redis_client.aclose()
-        await engine.dispose()
+        await pool.close()
     assert rescuer.stats.claimed == 6
     assert await _message_count(db) == 12
     for k in range(settings.shards):
@@ -258,18 +257,16 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
     for turn in (good_turn, bad_turn):
         await redis.xadd(turns_stream(shard_for(turn.conversation_id, settings.shards)), encode_turn(turn))  # type: ignore[arg-type]
 
-    engine = create_engine(settings, pool_size=2)
+    pool = await create_pool(settings)
     redis_client = create_redis(settings)
     try:
         worker = PersistenceWorker.from_settings(
-            replace(settings, consumer_max_deliveries=3),
-            redis=redis_client,
-            sessionmaker=create_sessionmaker(engine),
+            replace(settings, consumer_max_deliveries=3), redis=redis_client, hot=HotPath(pool)
         )
         await worker.run(burst=True)
     finally:
         await redis_client.aclose()
-        await engine.dispose()
+        await pool.close()
 
     assert worker.stats.dead_lettered == 1
     dead = await stream_entries(redis, DEAD_LETTER_STREAM)

@@ -16,6 +16,7 @@ from server.consumer.lag import measure_lag
 from server.consumer.relay import Relay
 from server.consumer.worker import PersistenceWorker
 from server.db.engine import create_engine, create_sessionmaker
+from server.db.hot import HotPath, create_pool
 from server.metrics import Metrics, serve_metrics
 from server.publisher import TurnPublisher
 from server.tracing import configure_tracing, shutdown_tracing
@@ -38,6 +39,8 @@ async def run_consumer(
     """
     tracing = configure_tracing("chatstream-consumer")
     engine = create_engine(settings, pool_size=4)
+    # Connects lazily (min_size 0): creating it needs no database yet.
+    hot_pool = await create_pool(settings, application_name="chatstream-consumer")
     redis = create_redis(settings)
     endpoint = None
     if metrics is None:
@@ -48,7 +51,7 @@ async def run_consumer(
         await check_redis_eviction_policy(redis)
         sessionmaker = create_sessionmaker(engine)
         worker = PersistenceWorker.from_settings(
-            settings, redis=redis, sessionmaker=sessionmaker, metrics=metrics
+            settings, redis=redis, hot=HotPath(hot_pool), metrics=metrics
         )
         relayer = Relay(
             sessionmaker=sessionmaker,
@@ -94,6 +97,7 @@ async def run_consumer(
         if endpoint is not None:
             endpoint.close()
         await redis.aclose()
+        await hot_pool.close()
         await engine.dispose()
         if tracing:
             shutdown_tracing()

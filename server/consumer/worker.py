@@ -32,8 +32,7 @@ import redis.exceptions
 
 from server.config import Settings
 from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
-from server.db import repository
-from server.db.engine import SessionMaker
+from server.db.hot import HotPath
 from server.domain import Turn
 from server.errors import is_database_outage
 from server.events import EventDecodeError, decode_turn, encode_turn
@@ -76,7 +75,7 @@ class PersistenceWorker:
         self,
         *,
         redis: aioredis.Redis,
-        sessionmaker: SessionMaker,
+        hot: HotPath,
         shards: int,
         consumer_name: str,
         batch: int = 200,
@@ -86,7 +85,7 @@ class PersistenceWorker:
         metrics: Metrics | None = None,
     ) -> None:
         self._redis = redis
-        self._sessionmaker = sessionmaker
+        self._hot = hot
         self._streams = [turns_stream(k) for k in range(shards)]
         self._consumer = consumer_name
         self._batch = batch
@@ -103,14 +102,14 @@ class PersistenceWorker:
         settings: Settings,
         *,
         redis: aioredis.Redis,
-        sessionmaker: SessionMaker,
+        hot: HotPath,
         consumer_name: str | None = None,
         metrics: Metrics | None = None,
     ) -> PersistenceWorker:
         """A worker configured by Settings (batch size, blocking, delivery limit, claim idle time)."""
         return cls(
             redis=redis,
-            sessionmaker=sessionmaker,
+            hot=hot,
             shards=settings.shards,
             consumer_name=consumer_name or settings.consumer_name,
             batch=settings.consumer_batch,
@@ -322,8 +321,7 @@ class _Shard:
     async def _insert(self, turns: list[Turn]) -> None:
         began = time.monotonic()
         try:
-            async with self.w._sessionmaker.begin() as session:
-                inserted = await repository.insert_messages(session, turns)
+            inserted = await self.w._hot.insert_messages(turns)
             self.w.stats.messages_inserted += inserted
             self.w.metrics.messages_persisted.inc(inserted)
             self.w.metrics.unit_of_work.labels("persist").observe(time.monotonic() - began)

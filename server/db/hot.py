@@ -1,4 +1,4 @@
-"""The per-turn statements, each one round trip on a raw asyncpg pool.
+"""The per-turn and per-batch statements, each one round trip on a raw asyncpg pool.
 
 Units of work 1 and 2 run for every turn, so their cost is the service's per-turn
 floor. Through the ORM, unit of work 1 was a pool pre-ping, BEGIN, three or four
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Final
 
@@ -27,7 +28,8 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from server.config import Settings
-from server.domain import Exchange, Turn, TurnStatus, Usage
+from server.db.repository import message_id
+from server.domain import Exchange, Role, Turn, TurnStatus, Usage
 
 transaction_logger = logging.getLogger("server.db.transactions")
 
@@ -90,6 +92,41 @@ UNION ALL
 SELECT id, conversation_id, owner, seq, request_id, user_text, assistant_text, status,
     stop_reason, input_tokens, output_tokens, model, created_at, completed_at
 FROM chat.turns WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM u)
+"""
+
+# The consumer's batch: the messages of ended turns, the conversations' counters grown
+# by what was really inserted, and the turns marked persisted, in one statement.
+# - ON CONFLICT skips messages a redelivery already wrote (idempotent, I2), and the
+#   EXISTS skips turns whose conversation was deleted meanwhile.
+# - The counters' rows are locked in id order (the FOR UPDATE subquery sorts before it
+#   locks), so two consumers whose batches share conversations cannot deadlock.
+_PERSIST_BATCH: Final = """
+WITH m AS (
+    INSERT INTO chat.messages
+        (id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)
+    SELECT m.id, m.conversation_id, m.turn_id, m.turn_seq, m.role, m.text, m.turn_status, m.created_at
+    FROM unnest(
+        $1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::smallint[], $6::text[], $7::text[],
+        $8::timestamptz[]
+    ) AS m(id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)
+    WHERE EXISTS (SELECT 1 FROM chat.turns t WHERE t.id = m.turn_id)
+    ON CONFLICT (turn_id, role) DO NOTHING
+    RETURNING conversation_id
+), n AS (
+    SELECT conversation_id AS id, count(*)::int AS n FROM m GROUP BY conversation_id
+), counted AS (
+    UPDATE chat.conversations AS c SET message_count = c.message_count + l.n
+    FROM (
+        SELECT c2.id, n.n FROM chat.conversations AS c2 JOIN n ON n.id = c2.id
+        ORDER BY c2.id
+        FOR UPDATE OF c2
+    ) AS l
+    WHERE c.id = l.id
+), persisted AS (
+    UPDATE chat.turns SET persisted_at = now()
+    WHERE id = ANY($9::uuid[]) AND persisted_at IS NULL
+)
+SELECT coalesce(sum(n), 0)::int FROM n
 """
 
 _LIST_EXCHANGES: Final = """
@@ -225,6 +262,32 @@ class HotPath:
             completed_at=row["completed_at"],
         )
 
+    async def insert_messages(self, turns: Sequence[Turn]) -> int:
+        """Persists the user and assistant messages of ended turns in one statement; returns rows inserted.
+
+        Idempotent: (turn_id, role) is unique and conflicts are skipped, so redelivered
+        entries insert nothing. Turns whose conversation was deleted meanwhile are
+        skipped instead of failing the batch. Conversation counters grow by what was
+        really inserted, and the turns are marked persisted so the relay leaves them alone.
+        """
+        if not turns:
+            return 0
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+        ids, conversation_ids, turn_ids, seqs, roles, texts, statuses, created = columns
+        for turn in turns:
+            for role, body in ((Role.USER, turn.user_text), (Role.ASSISTANT, turn.assistant_text)):
+                ids.append(message_id(turn.id, role))
+                conversation_ids.append(turn.conversation_id)
+                turn_ids.append(turn.id)
+                seqs.append(turn.seq)
+                roles.append(role.value)
+                texts.append(body)
+                statuses.append(turn.status.value)
+                created.append(turn.created_at)
+        unique_turns = list({turn.id: None for turn in turns})
+        inserted = await self._fetchval("insert_messages", _PERSIST_BATCH, *columns, unique_turns)
+        return int(inserted)
+
     async def list_exchanges(
         self, *, conversation_id: uuid.UUID, before_seq: int, limit: int
     ) -> list[Exchange]:
@@ -238,6 +301,10 @@ class HotPath:
         ]
         exchanges.reverse()
         return exchanges
+
+    async def _fetchval(self, what: str, sql: str, *args: object) -> Any:
+        row = await self._fetchrow(what, sql, *args)
+        return None if row is None else row[0]
 
     async def _fetchrow(self, what: str, sql: str, *args: object) -> asyncpg.Record | None:
         async with self._pool.acquire() as conn:

@@ -9,11 +9,10 @@ mutate.
 from __future__ import annotations
 
 import uuid
-from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, or_, select, text, tuple_, update
+from sqlalchemy import delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -183,94 +182,6 @@ async def find_turn_by_request_id(session: AsyncSession, *, owner: str, request_
         select(TurnRow).where(TurnRow.owner == owner, TurnRow.request_id == request_id)
     )
     return None if row is None else _turn(row)
-
-
-async def insert_messages(session: AsyncSession, turns: Sequence[Turn]) -> int:
-    """Persists the user and assistant messages of ended turns; returns rows inserted.
-
-    Idempotent: (turn_id, role) is unique and conflicts are skipped, so redelivered
-    entries insert nothing. Turns whose conversation was deleted meanwhile are skipped
-    instead of failing the batch. Conversation counters grow by what was really
-    inserted, and the turns are marked persisted so the relay leaves them alone.
-    """
-    if not turns:
-        return 0
-    ids: list[uuid.UUID] = []
-    conversation_ids: list[uuid.UUID] = []
-    turn_ids: list[uuid.UUID] = []
-    seqs: list[int] = []
-    roles: list[int] = []
-    texts: list[str] = []
-    statuses: list[str] = []
-    created: list[datetime] = []
-    for turn in turns:
-        for role, body in ((Role.USER, turn.user_text), (Role.ASSISTANT, turn.assistant_text)):
-            ids.append(message_id(turn.id, role))
-            conversation_ids.append(turn.conversation_id)
-            turn_ids.append(turn.id)
-            seqs.append(turn.seq)
-            roles.append(role.value)
-            texts.append(body)
-            statuses.append(turn.status.value)
-            created.append(turn.created_at)
-    # One statement per batch: unnest() turns parallel arrays into rows, which is much
-    # cheaper than one INSERT per message and keeps the statement size fixed.
-    result = await session.execute(
-        text(
-            """
-            INSERT INTO chat.messages
-                (id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)
-            SELECT m.id, m.conversation_id, m.turn_id, m.turn_seq, m.role, m.text, m.turn_status, m.created_at
-            FROM unnest(
-                CAST(:ids AS uuid[]), CAST(:conversation_ids AS uuid[]), CAST(:turn_ids AS uuid[]),
-                CAST(:seqs AS int[]), CAST(:roles AS smallint[]), CAST(:texts AS text[]),
-                CAST(:statuses AS text[]), CAST(:created AS timestamptz[])
-            ) AS m(id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)
-            WHERE EXISTS (SELECT 1 FROM chat.turns t WHERE t.id = m.turn_id)
-            ON CONFLICT (turn_id, role) DO NOTHING
-            RETURNING conversation_id
-            """
-        ),
-        {
-            "ids": ids,
-            "conversation_ids": conversation_ids,
-            "turn_ids": turn_ids,
-            "seqs": seqs,
-            "roles": roles,
-            "texts": texts,
-            "statuses": statuses,
-            "created": created,
-        },
-    )
-    inserted = Counter(row[0] for row in result)
-    if inserted:
-        conversation_ids = sorted(inserted)
-        # Lock the counters in id order first, so two consumers whose batches share
-        # conversations (after XAUTOCLAIM) cannot deadlock; then one UPDATE for all.
-        await session.execute(
-            text(
-                "SELECT 1 FROM chat.conversations WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY id FOR UPDATE"
-            ),
-            {"ids": conversation_ids},
-        )
-        await session.execute(
-            text(
-                """
-                UPDATE chat.conversations AS c SET message_count = c.message_count + d.n
-                FROM unnest(CAST(:ids AS uuid[]), CAST(:counts AS int[])) AS d(id, n)
-                WHERE c.id = d.id
-                """
-            ),
-            {"ids": conversation_ids, "counts": [inserted[i] for i in conversation_ids]},
-        )
-    await session.execute(
-        text(
-            "UPDATE chat.turns SET persisted_at = now()"
-            " WHERE id = ANY(CAST(:ids AS uuid[])) AND persisted_at IS NULL"
-        ),
-        {"ids": list({turn.id for turn in turns})},
-    )
-    return sum(inserted.values())
 
 
 async def list_messages(
