@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Final
 
 import click
 
-from server import constants
+from server import constants, runtime
 from server.config import Settings, SettingsError
+from server.workers import ENV_WORKER_INDEX, ENV_WORKERS, serve_workers
 
 if TYPE_CHECKING:
     from server.cli.redisenv import RedisEnv
@@ -93,16 +94,44 @@ def migrate() -> None:
 
 
 @cli.command()
-def serve() -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    envvar=ENV_WORKERS,
+    show_envvar=True,
+    help="Serving processes sharing the port through SO_REUSEPORT, under a supervisor; "
+    "1 serves in this process.",
+)
+def serve(workers: int) -> None:
     """Run the gRPC server until SIGTERM/SIGINT."""
+    if workers > 1:
+        _serve_workers(workers)
+        return
     from server.app import ChatServer
 
+    worker_index = os.environ.get(ENV_WORKER_INDEX)
+    if worker_index is not None:
+        from server.logs import bind_log_fields
+
+        # Workers of one supervisor write to the same stream; the index tells their lines
+        # apart. Bound before the loop starts, so every task of the loop inherits it.
+        bind_log_fields(worker=worker_index)
     try:
-        asyncio.run(ChatServer(_settings()).serve_until_signal())
+        runtime.run(ChatServer(_settings()).serve_until_signal())
     except SettingsError as exc:
         # Refusing to start without authentication (or with half a TLS setup) is a
         # configuration message for the operator, not a crash.
         raise click.ClickException(str(exc)) from exc
+
+
+def _serve_workers(workers: int) -> None:
+    try:
+        status = serve_workers(_settings(), workers=workers)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.get_current_context().exit(status)
 
 
 @cli.command()
@@ -112,7 +141,7 @@ def consume(burst: bool, relay: bool) -> None:
     """Run the persistence consumer (group chat-persistence) and the relay."""
     from server.consumer.process import run_consumer
 
-    asyncio.run(run_consumer(_settings(), burst=burst, relay=relay))
+    runtime.run(run_consumer(_settings(), burst=burst, relay=relay))
 
 
 @cli.group()
@@ -175,7 +204,7 @@ def dev(listen: str | None, data_dir: Path | None) -> None:
 
     listen = listen or os.environ.get(constants.ENV_LISTEN, "127.0.0.1:50051")
     data_dir = data_dir or Path(os.environ.get(constants.ENV_DEV_DIR, ".chatstream"))
-    asyncio.run(run_dev(data_dir=data_dir.resolve(), listen=listen))
+    runtime.run(run_dev(data_dir=data_dir.resolve(), listen=listen))
 
 
 def main() -> None:
