@@ -159,9 +159,19 @@ def listener_pid(path: str) -> int | None:
     return None
 
 
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and its live descendants (``serve --workers N`` is N+1 processes)."""
+    root = psutil.Process(pid)
+    total = 0
+    for proc in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
 @dataclass(slots=True)
 class Sampler:
-    """Samples CPU of named process groups at given instants, and RSS of one process, in a thread."""
+    """Samples CPU of named process groups at given instants, and RSS of one process tree, in a thread."""
 
     groups: dict[str, list[int]]
     rss_pid: int | None = None
@@ -208,7 +218,7 @@ class Sampler:
                 self.mark_now(label)
             if self.rss_pid is not None:
                 with contextlib.suppress(psutil.Error):
-                    self.rss_last = psutil.Process(self.rss_pid).memory_info().rss
+                    self.rss_last = tree_rss(self.rss_pid)
                     self.rss_max = max(self.rss_max, self.rss_last)
             wait = self.period_s
             if self._pending:
