@@ -244,6 +244,11 @@ class Bench:
                 # The admission cap (default 1,000 streams per process) is lifted so that P3 can
                 # measure how far past 1,000 the server itself goes.
                 "CHATSTREAM_MAX_STREAMS": "100000",
+                # One serving process per core (`serve --workers`, SO_REUSEPORT): one Python
+                # process cannot fill both cores. `consume` ignores it. The floor and the peer
+                # are one process each, as the issue defines them; the server CPU per delivered
+                # token is the per-process-independent comparison.
+                "CHATSTREAM_WORKERS": "2",
             }
         )
         env.update(self.server_env)
@@ -823,6 +828,8 @@ class Bench:
             argv += [
                 "--pid",
                 str(ours.server.pid),
+                # With `serve --workers N` the supervisor only waits: sample its workers.
+                "--subprocesses",
                 "--rate",
                 "100",
                 "--duration",
