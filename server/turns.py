@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ Emit = Callable[[TurnEvent], Awaitable[None]]
 _FINISH_TIMEOUT_S: Final = 15.0
 _FINISH_RETRY_DELAYS_S: Final = (0.2, 0.5, 1.0, 2.0, 4.0)
 _PUBLISH_TIMEOUT_S: Final = 2.0
+# The longest the upstream reader runs before it yields to the event loop.
+_MAX_READER_STEP_S: Final = 0.002
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,6 +217,7 @@ class TurnRunner:
                 # aclosing: a cancellation must close the upstream HTTP stream now, not
                 # whenever the generator is garbage-collected.
                 async with contextlib.aclosing(chunks):
+                    step_ends = time.monotonic() + _MAX_READER_STEP_S
                     async for chunk in chunks:
                         if not parts:
                             first_token.labels("upstream").observe(loop.time() - started_at)
@@ -221,6 +225,12 @@ class TurnRunner:
                         waiting.append(chunk)
                         deltas.inc()
                         arrived.set()
+                        if time.monotonic() >= step_ends:
+                            # A fast upstream's reply is parsed from buffered bytes without
+                            # ever suspending: let the other calls (a new call's unit of
+                            # work 1, other streams' writes) run in between.
+                            await asyncio.sleep(0)
+                            step_ends = time.monotonic() + _MAX_READER_STEP_S
             finally:
                 ended = True
                 arrived.set()
