@@ -263,6 +263,14 @@ async def test_second_concurrent_turn_on_a_conversation_is_aborted(
         assert [e.WhichOneof("kind") async for e in events][-1] == "completed"
     assert len(fake.requests) == 2
     assert await db.fetchval("SELECT count(*) FROM chat.turns") == 2
+    # Unit of work 1 is one statement, all or nothing: the refused turn did not bump the counter.
+    conversation_id = _id(first.conversation)
+    assert await db.fetchval("SELECT turn_count FROM chat.conversations WHERE id = $1", conversation_id) == 2
+    third = await client.chat_reply("three", conversation=first.conversation)
+    assert (
+        await db.fetchval("SELECT max(seq) FROM chat.turns WHERE conversation_id = $1", conversation_id) == 3
+    )
+    assert third.conversation == first.conversation
 
 
 async def test_a_burst_of_deltas_is_coalesced_into_fewer_messages_with_the_same_text(
@@ -291,30 +299,6 @@ async def test_turns_of_one_conversation_are_numbered_in_order_with_matching_cou
     )
     assert [(r["seq"], r["user_text"]) for r in rows] == [(1, "one"), (2, "two"), (3, "three"), (4, "four")]
     assert await db.fetchval("SELECT turn_count FROM chat.conversations WHERE id = $1", conversation_id) == 4
-
-
-async def test_a_rejected_turn_does_not_bump_the_conversation_counter(
-    client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection
-) -> None:
-    """A turn refused while another streams leaves turn_count as it was: one statement, all or nothing."""
-    first = await client.chat_reply("one")
-    gate = Gate()
-    fake.script(Stream(["slow"], hold=gate))
-    async with contextlib.aclosing(client.chat("two", conversation=first.conversation)) as events:
-        await anext(events)
-        await gate.wait_reached(timeout=5)
-        with pytest.raises(ChatClientError):
-            await client.chat_reply("refused", conversation=first.conversation)
-        gate.open()
-        async for _ in events:
-            pass
-    third = await client.chat_reply("three", conversation=first.conversation)
-    conversation_id = _id(first.conversation)
-    assert await db.fetchval("SELECT turn_count FROM chat.conversations WHERE id = $1", conversation_id) == 3
-    assert (
-        await db.fetchval("SELECT max(seq) FROM chat.turns WHERE conversation_id = $1", conversation_id) == 3
-    )
-    assert third.conversation == first.conversation
 
 
 async def test_chat_with_the_request_id_of_a_created_conversation_joins_it_and_leaves_no_orphan(
