@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from datetime import timedelta
 
 import grpc
 import redis.asyncio as aioredis
@@ -20,9 +21,9 @@ from server.auth import Authenticator, CredentialVerifier, CurrentPrincipal
 from server.config import AuthMode, Settings
 from server.context import ContextStore
 from server.conversations import ConversationService
-from server.db.engine import create_engine, create_sessionmaker
-from server.db.hot import HotPath, create_pool
+from server.db.engine import Database
 from server.edge import EdgeInterceptor
+from server.leases import TurnLeases
 from server.limits import StreamLimiter
 from server.llm import LlmClient
 from server.metrics import Metrics, serve_metrics
@@ -131,7 +132,7 @@ class ChatServer:
         self.metrics_port = 0
         """The bound metrics port; 0 when metrics are off."""
         self._stopped = asyncio.Event()
-        self._runner: TurnRunner | None = None
+        self._leases: TurnLeases | None = None
 
     @property
     def port(self) -> int:
@@ -154,9 +155,8 @@ class ChatServer:
         # Credentials and TLS first: a misconfiguration fails before anything is opened.
         verifier = CredentialVerifier(settings)
         credentials = tls.server_credentials(settings)
-        engine = create_engine(settings)
-        self._stack.push_async_callback(engine.dispose)
-        sessionmaker = create_sessionmaker(engine)
+        database = Database.from_settings(settings)
+        self._stack.push_async_callback(database.dispose)
         redis = create_redis(settings)
         self._stack.push_async_callback(redis.aclose)
         try:
@@ -168,31 +168,28 @@ class ChatServer:
         llm = LlmClient(settings)
         self._stack.push_async_callback(llm.close)
 
-        hot_pool = await create_pool(settings)
-        self._stack.push_async_callback(hot_pool.close)
-        hot = HotPath(hot_pool, log_transactions=settings.log_transactions)
         context = ContextStore(
-            redis, hot, max_turns=settings.context_max_turns, ttl_s=settings.context_cache_ttl_s
+            redis, database, max_turns=settings.context_max_turns, ttl_s=settings.context_cache_ttl_s
         )
+        leases = TurnLeases(database, lease=timedelta(seconds=settings.turn_lease_s))
+        self._leases = leases
+        renewals = asyncio.create_task(leases.renew_forever(), name="lease renewal")
+        self._stack.push_async_callback(_cancel_and_wait, renewals)
         runner = TurnRunner(
-            settings=settings,
-            sessionmaker=sessionmaker,
-            hot=hot,
+            database=database,
             redis=redis,
             llm=llm,
             context=context,
             publisher=TurnPublisher(redis, shards=settings.shards),
+            leases=leases,
             metrics=self.metrics,
         )
-        self._runner = runner
-        renewals = asyncio.create_task(runner.renew_leases_forever(), name="lease renewal")
-        self._stack.push_async_callback(_cancel_and_wait, renewals)
         servicer = ChatServicer(
             settings=settings,
             authenticator=self._authenticator,
             turns=runner,
             conversations=ConversationService(
-                sessionmaker,
+                database,
                 context,
                 default_page_size=settings.default_page_size,
                 max_page_size=settings.max_page_size,
@@ -270,10 +267,10 @@ class ChatServer:
                 await asyncio.sleep(self._settings.shutdown_drain_s)
             if self._server is not None:
                 await self._server.stop(grace)
-            if self._runner is not None:
+            if self._leases is not None:
                 # Turns still streaming past the grace period are cancelled and recorded
-                # while the pools they use are still open.
-                await self._runner.shutdown()
+                # while the pool they use is still open.
+                await self._leases.shutdown()
         finally:
             await self._stack.aclose()
 

@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from server.constants import context_key
-from server.db.hot import HotPath
+from server.db import turn_store
+from server.db.engine import Database
 from server.domain import Exchange
 
 logger = logging.getLogger(__name__)
@@ -26,9 +27,9 @@ class ContextStore:
     by unit of work 2) is the fallback and the truth. Redis failures only cost a read.
     """
 
-    def __init__(self, redis: aioredis.Redis, hot: HotPath, *, max_turns: int, ttl_s: int) -> None:
+    def __init__(self, redis: aioredis.Redis, database: Database, *, max_turns: int, ttl_s: int) -> None:
         self._redis = redis
-        self._hot = hot
+        self._database = database
         self._max_turns = max_turns
         self._ttl_s = ttl_s
 
@@ -44,9 +45,10 @@ class ContextStore:
             if cached_owner == owner and through == before_seq - 1:
                 return exchanges[-self._max_turns :]
         # One read-only statement, done before the model is called.
-        exchanges = await self._hot.list_exchanges(
-            conversation_id=conversation_id, before_seq=before_seq, limit=self._max_turns
-        )
+        async with self._database.autocommit("list exchanges") as conn:
+            exchanges = await turn_store.list_exchanges(
+                conn, conversation_id=conversation_id, before_seq=before_seq, limit=self._max_turns
+            )
         await self.remember(conversation_id, owner=owner, through=before_seq - 1, exchanges=exchanges)
         return exchanges
 

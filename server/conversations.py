@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 
 from server.context import ContextStore
 from server.db import repository
-from server.db.engine import SessionMaker
+from server.db.engine import Database
 from server.domain import Conversation, Message
 from server.errors import AlreadyExistsError, IdempotencyKeyReusedError, InvalidArgumentError
 from server.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_token, encode_token, page_size
@@ -30,13 +30,13 @@ class ConversationService:
 
     def __init__(
         self,
-        sessionmaker: SessionMaker,
+        database: Database,
         context: ContextStore,
         *,
         default_page_size: int = DEFAULT_PAGE_SIZE,
         max_page_size: int = MAX_PAGE_SIZE,
     ) -> None:
-        self._sessionmaker = sessionmaker
+        self._database = database
         self._context = context
         self._default_page_size = default_page_size
         self._max_page_size = max_page_size
@@ -45,7 +45,7 @@ class ConversationService:
         self, *, owner: str, conversation_id: uuid.UUID | None, request_id: str | None
     ) -> Conversation:
         """Creates a conversation; a retry with the same request_id returns the first result."""
-        async with self._sessionmaker.begin() as session:
+        async with self._database.begin("create conversation") as session:
             if request_id is not None:
                 existing = await repository.find_conversation_by_request_id(
                     session, owner=owner, request_id=request_id
@@ -75,7 +75,7 @@ class ConversationService:
 
     async def get(self, *, owner: str, conversation_id: uuid.UUID) -> Conversation:
         """The owner's conversation, or NotFoundError."""
-        async with self._sessionmaker.begin() as session:
+        async with self._database.begin("get conversation") as session:
             return await repository.get_conversation(session, owner=owner, conversation_id=conversation_id)
 
     async def list(self, *, owner: str, size: int, token: str) -> Page[Conversation]:
@@ -91,7 +91,7 @@ class ConversationService:
                 raise InvalidArgumentError.for_field(
                     "page_token", "is not a token this service issued"
                 ) from None
-        async with self._sessionmaker.begin() as session:
+        async with self._database.begin("list conversations") as session:
             rows = await repository.list_conversations(session, owner=owner, limit=limit + 1, after=after)
         items = rows[:limit]
         next_token = ""
@@ -102,7 +102,7 @@ class ConversationService:
 
     async def delete(self, *, owner: str, conversation_id: uuid.UUID) -> None:
         """Deletes the conversation with its turns and messages, and forgets its cached context."""
-        async with self._sessionmaker.begin() as session:
+        async with self._database.begin("delete conversation") as session:
             await repository.delete_conversation(session, owner=owner, conversation_id=conversation_id)
         await self._context.forget(conversation_id)
 
@@ -118,7 +118,7 @@ class ConversationService:
             if len(cursor) != 2 or not all(isinstance(v, int) for v in cursor):
                 raise InvalidArgumentError.for_field("page_token", "is not a token this service issued")
             after = (int(cursor[0]), int(cursor[1]))
-        async with self._sessionmaker.begin() as session:
+        async with self._database.begin("list messages") as session:
             rows = await repository.list_messages(
                 session, owner=owner, conversation_id=conversation_id, limit=limit + 1, after=after
             )

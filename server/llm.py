@@ -25,19 +25,24 @@ logger = logging.getLogger(__name__)
 _TRANSIENT_STREAM_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error"})
 
 
-@dataclass(slots=True)
-class ReplyOutcome:
-    """What the model reported about a reply; filled in while it streams."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyStarted:
+    """The model accepted the request: which model answers, and the prompt's size."""
 
-    model: str = ""
-    stop_reason: str | None = None
-    input_tokens: int = 0
-    output_tokens: int = 0
+    model: str
+    usage: Usage
 
-    @property
-    def usage(self) -> Usage:
-        """Token counts so far (final once the stream ended)."""
-        return Usage(input_tokens=self.input_tokens, output_tokens=self.output_tokens)
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyEnded:
+    """The reply is complete: why it stopped, and the final token counts."""
+
+    stop_reason: str
+    usage: Usage
+
+
+ReplyPart = ReplyStarted | str | ReplyEnded
+"""What ``stream_reply`` yields: ``ReplyStarted`` first, text deltas, ``ReplyEnded`` last."""
 
 
 def build_messages(history: Sequence[Exchange], text: str) -> list[MessageParam]:
@@ -85,13 +90,9 @@ class LlmClient:
         await self._client.close()
 
     async def stream_reply(
-        self,
-        *,
-        history: Sequence[Exchange],
-        text: str,
-        outcome: ReplyOutcome,
-    ) -> AsyncGenerator[str, None]:
-        """Yields the reply's text deltas as they arrive; fills ``outcome`` on the way.
+        self, *, history: Sequence[Exchange], text: str
+    ) -> AsyncGenerator[ReplyPart, None]:
+        """Yields ``ReplyStarted``, the reply's text deltas as they arrive, then ``ReplyEnded``.
 
         The SDK sends the request (auth, retries before the first byte, error classes),
         but the event stream is parsed here, line by line, from its raw response: typed
@@ -106,7 +107,8 @@ class LlmClient:
                 or the stream ended before ``message_stop``; the caller may retry.
             InternalError: the API rejected our request or sent a malformed stream.
         """
-        outcome.model = self._model
+        stop_reason: str | None = None
+        input_tokens = output_tokens = 0
         stopped = False
         try:
             async with self._client.messages.with_streaming_response.create(
@@ -134,15 +136,18 @@ class LlmClient:
                             yield delta["text"]
                     elif name == "message_start":
                         message = json.loads(payload)["message"]
-                        outcome.model = message.get("model") or self._model
-                        outcome.input_tokens = _total_input(message["usage"])
-                        outcome.output_tokens = message["usage"]["output_tokens"]
+                        input_tokens = _total_input(message["usage"])
+                        output_tokens = message["usage"]["output_tokens"]
+                        yield ReplyStarted(
+                            model=message.get("model") or self._model,
+                            usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens),
+                        )
                     elif name == "message_delta":
                         body = json.loads(payload)
-                        outcome.stop_reason = body["delta"].get("stop_reason")
-                        outcome.output_tokens = body["usage"]["output_tokens"]
+                        stop_reason = body["delta"].get("stop_reason")
+                        output_tokens = body["usage"]["output_tokens"]
                         if body["usage"].get("input_tokens") is not None:
-                            outcome.input_tokens = _total_input(body["usage"])
+                            input_tokens = _total_input(body["usage"])
                     elif name == "message_stop":
                         stopped = True
                     elif name == "error":
@@ -153,11 +158,14 @@ class LlmClient:
             raise
         except Exception as exc:
             raise _sort(exc) from exc
-        if not stopped or outcome.stop_reason is None:
+        if not stopped or stop_reason is None:
             # A clean end of body without message_stop raises nothing in the SDK (§2.4).
             raise UpstreamUnavailableError(
                 "the model's reply was interrupted", metadata={"cause": "truncated"}
             )
+        yield ReplyEnded(
+            stop_reason=stop_reason, usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+        )
 
 
 def _total_input(usage: Mapping[str, int | None]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -14,7 +15,7 @@ from server.config import Settings
 from server.conversations import ConversationService
 from server.domain import TurnEvent
 from server.errors import abort_on_error
-from server.turns import ChatInput, TurnRunner
+from server.turns import ChatInput, ClientGoneError, TurnRunner
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,20 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
             async def emit(event: TurnEvent) -> None:
                 nonlocal seq
                 seq += 1
-                await context.write(convert.event_to_proto(seq, event))
+                try:
+                    await context.write(convert.event_to_proto(seq, event))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # grpc fails a write to a call whose peer is gone (reset, disconnect,
+                    # cancel) with its own exception types, not CancelledError.
+                    raise ClientGoneError(exc.__class__.__name__) from exc
 
-            await self._turns.run(chat, emit, time_remaining_s=context.time_remaining())
+            try:
+                await self._turns.run(chat, emit, time_remaining_s=context.time_remaining())
+            except ClientGoneError as gone:
+                # The turn is stored CANCELLED; there is nobody left to send a status to.
+                logger.info("client gone mid-turn (%s)", gone)
 
     async def CreateConversation(
         self,

@@ -47,7 +47,7 @@ def tracing_requested(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def configure_tracing(default_service_name: str) -> bool:
-    """Installs a tracer provider and instruments grpc.aio servers, SQLAlchemy, asyncpg and redis-py.
+    """Installs a tracer provider and instruments grpc.aio servers, SQLAlchemy and redis-py.
 
     Idempotent, and a no-op returning False when tracing is not requested or the
     packages are missing (then a warning says how to install them).
@@ -58,7 +58,6 @@ def configure_tracing(default_service_name: str) -> bool:
         return False
     try:
         from opentelemetry import trace
-        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
         from opentelemetry.instrumentation.redis import RedisInstrumentor
         from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
         from opentelemetry.sdk.resources import Resource
@@ -88,9 +87,8 @@ def configure_tracing(default_service_name: str) -> bool:
     trace.set_tracer_provider(provider)
     # The instrumentation's declared SQLAlchemy range lags behind 2.1, which it handles.
     SQLAlchemyInstrumentor().instrument(skip_dep_check=True)
-    # SQLAlchemy's spans cover the ORM units of work; the per-turn statements run on a
-    # raw asyncpg pool (server/db/hot.py) and get theirs from asyncpg's instrumentation.
-    AsyncPGInstrumentor().instrument()  # type: ignore[no-untyped-call]
+    # Every statement, the single-statement units of work included, goes through the
+    # one SQLAlchemy engine (server/db/engine.py), so this covers them all.
     RedisInstrumentor().instrument()
     _state["provider"] = provider
     logger.info("OpenTelemetry tracing on (service %s)", service_name)

@@ -25,7 +25,7 @@ from server.app import ChatServer, create_redis
 from server.config import Settings
 from server.constants import turns_stream
 from server.consumer.worker import PersistenceWorker, WorkerStats
-from server.db.hot import HotPath, create_pool
+from server.db.engine import Database
 from server.db.migrate import upgrade
 from server.embedded import embedded_services
 from tests.fake_anthropic import FakeAnthropic
@@ -166,17 +166,17 @@ Consume = Callable[[], Awaitable[WorkerStats]]
 @pytest.fixture
 async def consume(settings: Settings) -> AsyncIterator[Consume]:
     """Runs the persistence consumer in burst mode: drains every shard, then returns."""
-    pool = await create_pool(settings)
+    database = Database.from_settings(settings)
     redis_client = create_redis(settings)
 
     async def run() -> WorkerStats:
-        worker = PersistenceWorker.from_settings(settings, redis=redis_client, hot=HotPath(pool))
+        worker = PersistenceWorker.from_settings(settings, redis=redis_client, database=database)
         await worker.run(burst=True)
         return worker.stats
 
     yield run
     await redis_client.aclose()
-    await pool.close()
+    await database.dispose()
 
 
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]

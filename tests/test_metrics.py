@@ -21,7 +21,7 @@ from server.config import Settings
 from server.constants import DEAD_LETTER_STREAM
 from server.consumer.process import run_consumer
 from server.consumer.worker import PersistenceWorker
-from server.db.hot import HotPath, create_pool
+from server.db.engine import Database
 from server.metrics import Metrics
 from tests.conftest import StartServer, eventually
 from tests.fake_anthropic import Error, FakeAnthropic, Gate, Stream
@@ -75,16 +75,16 @@ async def test_metrics_endpoint_reports_turns_tokens_latencies_and_streams(
 async def test_consumer_metrics_count_persisted_messages(client: AsyncChatClient, settings: Settings) -> None:
     await client.chat_reply("persist me")
     metrics = Metrics()
-    pool = await create_pool(settings)
+    database = Database.from_settings(settings)
     redis_client = create_redis(settings)
     try:
         worker = PersistenceWorker.from_settings(
-            settings, redis=redis_client, hot=HotPath(pool), metrics=metrics
+            settings, redis=redis_client, database=database, metrics=metrics
         )
         await worker.run(burst=True)
     finally:
         await redis_client.aclose()
-        await pool.close()
+        await database.dispose()
     samples = _parse(generate_latest(metrics.registry).decode())
     assert samples[("chatstream_messages_persisted_total", ())] == 2
     assert samples[("chatstream_unit_of_work_seconds_count", (("unit", "persist"),))] == 1

@@ -23,8 +23,7 @@ from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
 from server.consumer.process import run_consumer
 from server.consumer.relay import Relay
 from server.consumer.worker import PersistenceWorker
-from server.db.engine import create_engine, create_sessionmaker
-from server.db.hot import HotPath, create_pool
+from server.db.engine import Database
 from server.events import encode_turn
 from server.publisher import TurnPublisher, shard_for
 from tests.conftest import Consume, StartServer, eventually, stream_entries, stream_lengths
@@ -34,18 +33,18 @@ from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for
 
 @contextlib.asynccontextmanager
 async def _relay(settings: Settings, *, grace_s: float = 0.0) -> AsyncIterator[Relay]:
-    engine = create_engine(settings, pool_size=2)
+    database = Database.from_settings(settings)
     redis_client = create_redis(settings)
     try:
         yield Relay(
-            sessionmaker=create_sessionmaker(engine),
+            database=database,
             publisher=TurnPublisher(redis_client, shards=settings.shards),
             interval=timedelta(seconds=1),
             grace=timedelta(seconds=grace_s),
         )
     finally:
         await redis_client.aclose()
-        await engine.dispose()
+        await database.dispose()
 
 
 async def _message_count(db: asyncpg.Connection) -> int:
@@ -198,10 +197,10 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_persisted(
 ) -> None:
     for i in range(6):
         await client.chat_reply(f"m{i}")
-    pool = await create_pool(settings)
+    database = Database.from_settings(settings)
     redis_client = create_redis(settings)
     try:
-        worker = PersistenceWorker.from_settings(settings, redis=redis_client, hot=HotPath(pool))
+        worker = PersistenceWorker.from_settings(settings, redis=redis_client, database=database)
         await worker.ensure_groups()
         # A consumer reads everything and dies before acknowledging.
         for k in range(settings.shards):
@@ -210,13 +209,13 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_persisted(
         rescuer = PersistenceWorker.from_settings(
             replace(settings, consumer_claim_idle_ms=10),
             redis=redis_client,
-            hot=HotPath(pool),
+            database=database,
             consumer_name="rescuer",
         )
         await rescuer.run(burst=True)
     finally:
         await redis_client.aclose()
-        await pool.close()
+        await database.dispose()
     assert rescuer.stats.claimed == 6
     assert await _message_count(db) == 12
     for k in range(settings.shards):
@@ -231,17 +230,17 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
     bad = await client.chat_reply("bad")
     await redis.flushdb()
     turn_rows = {r["id"]: r for r in await db.fetch("SELECT * FROM chat.turns")}
-    from server.db import repository
+    from server.db import turn_store
 
     # Re-publish both turns, the second with text PostgreSQL rejects (NUL): decodable,
     # but its insert fails every time, whatever the retry.
-    engine = create_engine(settings, pool_size=2)
+    database = Database.from_settings(settings)
     try:
-        async with create_sessionmaker(engine).begin() as session:
+        async with database.begin() as session:
             turns = {
                 t.id: t
                 for t in [
-                    await repository.find_turn_by_request_id(
+                    await turn_store.find_turn_by_request_id(
                         session, owner=r["owner"], request_id=r["request_id"]
                     )
                     for r in turn_rows.values()
@@ -249,7 +248,7 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
                 if t is not None
             }
     finally:
-        await engine.dispose()
+        await database.dispose()
     good_turn = next(t for t in turns.values() if t.user_text == "good")
     bad_turn = replace(
         next(t for t in turns.values() if t.user_text == "bad"), assistant_text="nul \x00 inside"
@@ -257,16 +256,16 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
     for turn in (good_turn, bad_turn):
         await redis.xadd(turns_stream(shard_for(turn.conversation_id, settings.shards)), encode_turn(turn))  # type: ignore[arg-type]
 
-    pool = await create_pool(settings)
+    database = Database.from_settings(settings)
     redis_client = create_redis(settings)
     try:
         worker = PersistenceWorker.from_settings(
-            replace(settings, consumer_max_deliveries=3), redis=redis_client, hot=HotPath(pool)
+            replace(settings, consumer_max_deliveries=3), redis=redis_client, database=database
         )
         await worker.run(burst=True)
     finally:
         await redis_client.aclose()
-        await pool.close()
+        await database.dispose()
 
     assert worker.stats.dead_lettered == 1
     dead = await stream_entries(redis, DEAD_LETTER_STREAM)

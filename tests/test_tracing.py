@@ -35,7 +35,7 @@ async def test_otel_env_turns_on_spans_for_grpc_sql_and_redis(
     assert '"name": "chatstream.v1.ChatService/Chat"' in output  # the gRPC server span
     assert '"kind": "SpanKind.SERVER"' in output
     assert '"db.system": "postgresql"' in output
-    # Units of work 1 and 2 run on the raw asyncpg pool: their statements have spans too.
+    # Units of work 1 and 2 are single statements on the same engine: they have spans too.
     assert "INSERT INTO chat.turns" in output
     assert "UPDATE chat.turns SET" in output
     assert '"db.system": "redis"' in output  # redis-py spans (XADD of the turn)

@@ -15,8 +15,7 @@ from server.config import Settings
 from server.consumer.lag import measure_lag
 from server.consumer.relay import Relay
 from server.consumer.worker import PersistenceWorker
-from server.db.engine import create_engine, create_sessionmaker
-from server.db.hot import HotPath, create_pool
+from server.db.engine import Database
 from server.metrics import Metrics, serve_metrics
 from server.publisher import TurnPublisher
 from server.tracing import configure_tracing, shutdown_tracing
@@ -38,9 +37,8 @@ async def run_consumer(
     batches, and returns; the relay finishes its current pass.
     """
     tracing = configure_tracing("chatstream-consumer")
-    engine = create_engine(settings, pool_size=4)
-    # Connects lazily (min_size 0): creating it needs no database yet.
-    hot_pool = await create_pool(settings, application_name="chatstream-consumer")
+    # Connects lazily: creating it needs no database yet.
+    database = Database.from_settings(settings, application_name="chatstream-consumer")
     redis = create_redis(settings)
     endpoint = None
     if metrics is None:
@@ -49,12 +47,9 @@ async def run_consumer(
     # else dev mode passed the server's Metrics: one process, one endpoint.
     try:
         await check_redis_eviction_policy(redis)
-        sessionmaker = create_sessionmaker(engine)
-        worker = PersistenceWorker.from_settings(
-            settings, redis=redis, hot=HotPath(hot_pool), metrics=metrics
-        )
+        worker = PersistenceWorker.from_settings(settings, redis=redis, database=database, metrics=metrics)
         relayer = Relay(
-            sessionmaker=sessionmaker,
+            database=database,
             publisher=TurnPublisher(redis, shards=settings.shards),
             interval=timedelta(seconds=settings.relay_interval_s),
             grace=timedelta(seconds=settings.relay_grace_s),
@@ -97,8 +92,7 @@ async def run_consumer(
         if endpoint is not None:
             endpoint.close()
         await redis.aclose()
-        await hot_pool.close()
-        await engine.dispose()
+        await database.dispose()
         if tracing:
             shutdown_tracing()
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
 
-from server.db import repository
-from server.db.engine import SessionMaker
+from server.db import turn_store
+from server.db.engine import Database
 from server.errors import classify
 from server.metrics import Metrics
 from server.publisher import TurnPublisher
@@ -46,13 +46,13 @@ class Relay:
     def __init__(
         self,
         *,
-        sessionmaker: SessionMaker,
+        database: Database,
         publisher: TurnPublisher,
         interval: timedelta,
         grace: timedelta,
         metrics: Metrics | None = None,
     ) -> None:
-        self._sessionmaker = sessionmaker
+        self._database = database
         self._publisher = publisher
         self._interval = interval
         self._grace = grace
@@ -79,8 +79,8 @@ class Relay:
         """One pass: interrupt expired turns, then re-publish what is due; returns turns published."""
         published = 0
         while True:
-            async with self._sessionmaker.begin() as session:
-                interrupted = await repository.interrupt_expired_turns(session, limit=_BATCH)
+            async with self._database.autocommit("interrupt expired turns") as conn:
+                interrupted = await turn_store.interrupt_expired_turns(conn, limit=_BATCH)
             if interrupted:
                 logger.warning(
                     "interrupted %d turn(s) whose server stopped renewing their lease", len(interrupted)
@@ -89,8 +89,8 @@ class Relay:
                 self._metrics.relay_interrupted.inc(len(interrupted))
             # Claiming stamps relayed_at in the same transaction, so if the XADD fails
             # the turn waits one backoff period and is claimed again.
-            async with self._sessionmaker.begin() as session:
-                due = await repository.claim_unpersisted_turns(session, grace=self._grace, limit=_BATCH)
+            async with self._database.autocommit("claim unpersisted turns") as conn:
+                due = await turn_store.claim_unpersisted_turns(conn, grace=self._grace, limit=_BATCH)
             turns = [*interrupted, *due]
             if turns:
                 await self._publisher.publish_many(turns)

@@ -32,7 +32,8 @@ import redis.exceptions
 
 from server.config import Settings
 from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
-from server.db.hot import HotPath
+from server.db import message_store
+from server.db.engine import Database
 from server.domain import Turn
 from server.errors import is_database_outage
 from server.events import EventDecodeError, decode_turn, encode_turn
@@ -75,7 +76,7 @@ class PersistenceWorker:
         self,
         *,
         redis: aioredis.Redis,
-        hot: HotPath,
+        database: Database,
         shards: int,
         consumer_name: str,
         batch: int = 200,
@@ -85,7 +86,7 @@ class PersistenceWorker:
         metrics: Metrics | None = None,
     ) -> None:
         self._redis = redis
-        self._hot = hot
+        self._database = database
         self._streams = [turns_stream(k) for k in range(shards)]
         self._consumer = consumer_name
         self._batch = batch
@@ -102,14 +103,14 @@ class PersistenceWorker:
         settings: Settings,
         *,
         redis: aioredis.Redis,
-        hot: HotPath,
+        database: Database,
         consumer_name: str | None = None,
         metrics: Metrics | None = None,
     ) -> PersistenceWorker:
         """A worker configured by Settings (batch size, blocking, delivery limit, claim idle time)."""
         return cls(
             redis=redis,
-            hot=hot,
+            database=database,
             shards=settings.shards,
             consumer_name=consumer_name or settings.consumer_name,
             batch=settings.consumer_batch,
@@ -321,7 +322,7 @@ class _Shard:
     async def _insert(self, turns: list[Turn]) -> None:
         began = time.monotonic()
         try:
-            inserted = await self.w._hot.insert_messages(turns)
+            inserted = await message_store.insert_messages(self.w._database, turns)
             self.w.stats.messages_inserted += inserted
             self.w.metrics.messages_persisted.inc(inserted)
             self.w.metrics.unit_of_work.labels("persist").observe(time.monotonic() - began)

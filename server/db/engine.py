@@ -1,73 +1,122 @@
-"""Engine and sessionmaker factories; nothing is created at import time."""
+"""The process's one database engine and pool, and the two ways to use it.
+
+- A unit of work of several statements: ``async with database.begin() as session``.
+- A unit of work that is one statement (units of work 1 and 2, the consumer's batch):
+  ``async with database.autocommit("what") as conn``, an AUTOCOMMIT connection of the same
+  pool. A single statement is its own transaction, atomic and committed when it returns,
+  so no BEGIN/COMMIT round trips are paid and no transaction outlives the statement.
+
+Both log to one transaction logger and are traced by one instrumentation (SQLAlchemy's).
+Nothing is created at import time.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from typing import Final
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from server.config import Settings
 
-SessionMaker = async_sessionmaker[AsyncSession]
+Executor = AsyncSession | AsyncConnection
+"""What the data-access functions take: a unit of work's session or a single-statement connection."""
 
 transaction_logger = logging.getLogger("server.db.transactions")
 
+# How long a call waits for a pooled connection before it fails UNAVAILABLE.
+_POOL_TIMEOUT_S: Final = 10
 
-def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
-    """An asyncpg engine whose pool is sized from Settings.
 
-    ``pool_pre_ping`` lets a pool recover after PostgreSQL restarts instead of handing
-    out dead connections; ``pool_timeout`` bounds how long a call waits for a connection.
+def create_engine(settings: Settings, *, application_name: str = "chatstream") -> AsyncEngine:
+    """An asyncpg engine whose pool holds at most ``db_pool_size`` connections.
+
+    It is the process's only pool, so ``db_pool_size`` is the process's whole claim on
+    PostgreSQL's connections; a call that finds every connection busy waits up to
+    ``pool_timeout``. Every unit of work is short (most are one round trip), so a small
+    pool serves many streams. ``pool_pre_ping`` lets the pool recover after PostgreSQL
+    restarts instead of handing out dead connections; it costs one trivial round trip per
+    checkout (measured in docs/benchmarks.md).
     """
-    size = pool_size or settings.db_pool_size
-    engine = create_async_engine(
+    size = settings.db_pool_size
+    # Looked up at call time: OpenTelemetry's SQLAlchemy instrumentation wraps the module
+    # attribute when tracing is configured, after this module was imported.
+    return sqlalchemy_asyncio.create_async_engine(
         settings.database_url,
         pool_size=size,
-        max_overflow=size,
-        pool_timeout=10,
+        max_overflow=0,
+        pool_timeout=_POOL_TIMEOUT_S,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"server_settings": {"application_name": "chatstream"}},
+        connect_args={"server_settings": {"application_name": application_name}},
     )
-    if settings.log_transactions:
-        log_transactions(engine)
-    return engine
 
 
-def log_transactions(engine: AsyncEngine) -> None:
-    """Logs BEGIN, COMMIT and ROLLBACK of every transaction with how long it was open.
+class Database:
+    """The engine with its sessions and its single-statement connections.
 
-    This is the signal that would have caught the original incident in minutes: a
-    streaming endpoint whose log shows BEGIN and never COMMIT, or a COMMIT only after
-    the whole reply, is holding a transaction across the stream.
+    Results are read after the unit of work ends (``expire_on_commit=False``), so no
+    attribute access ever triggers implicit I/O.
     """
 
-    def began(conn: Connection) -> None:
-        conn.info["chatstream_tx_started"] = time.perf_counter()
-        transaction_logger.info("BEGIN (connection %x)", id(conn.connection))
+    def __init__(self, engine: AsyncEngine, *, log_transactions: bool = False) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # Shares the pool: execution_options() makes a view of the same engine.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._log = log_transactions
 
-    def ended(verb: str) -> Callable[[Connection], None]:
-        def log(conn: Connection) -> None:
-            started = conn.info.pop("chatstream_tx_started", None)
-            held_ms = -1.0 if started is None else (time.perf_counter() - started) * 1000
-            transaction_logger.info("%s after %.1f ms (connection %x)", verb, held_ms, id(conn.connection))
+    @classmethod
+    def from_settings(cls, settings: Settings, *, application_name: str = "chatstream") -> Database:
+        """The process's database, configured from Settings."""
+        return cls(
+            create_engine(settings, application_name=application_name),
+            log_transactions=settings.log_transactions,
+        )
 
-        return log
+    async def dispose(self) -> None:
+        """Closes every pooled connection."""
+        await self.engine.dispose()
 
-    sync_engine = engine.sync_engine
-    event.listen(sync_engine, "begin", began)
-    event.listen(sync_engine, "commit", ended("COMMIT"))
-    event.listen(sync_engine, "rollback", ended("ROLLBACK"))
+    @contextlib.asynccontextmanager
+    async def begin(self, what: str = "unit of work") -> AsyncIterator[AsyncSession]:
+        """A unit of work: commits when the block ends, rolls back if it raises."""
+        async with self._logged(what), self._sessions.begin() as session:
+            yield session
 
+    @contextlib.asynccontextmanager
+    async def autocommit(self, what: str) -> AsyncIterator[AsyncConnection]:
+        """A connection for one statement that is its own transaction.
 
-def create_sessionmaker(engine: AsyncEngine) -> SessionMaker:
-    """Sessions for explicit units of work: ``async with sessionmaker.begin() as session``.
+        Use it only for a single statement: each statement commits as it returns, so
+        several would not be atomic together.
+        """
+        async with self._logged(what, single=True), self._autocommit.connect() as conn:
+            yield conn
 
-    ``expire_on_commit=False`` because results are read after the block commits, and an
-    expired attribute would otherwise trigger implicit I/O.
-    """
-    return async_sessionmaker(engine, expire_on_commit=False)
+    @contextlib.asynccontextmanager
+    async def _logged(self, what: str, *, single: bool = False) -> AsyncIterator[None]:
+        """Logs BEGIN, then COMMIT or ROLLBACK with how long the transaction was open.
+
+        This is the signal that would have caught the original incident in minutes: a
+        streaming endpoint whose log shows BEGIN and never COMMIT, or a COMMIT only after
+        the whole reply, is holding a transaction across the stream.
+        """
+        if not self._log:
+            yield
+            return
+        kind = "single statement" if single else "transaction"
+        began = time.perf_counter()
+        transaction_logger.info("BEGIN (%s %s)", kind, what)
+        try:
+            yield
+        except BaseException:
+            held_ms = (time.perf_counter() - began) * 1000
+            transaction_logger.info("ROLLBACK after %.1f ms (%s %s)", held_ms, kind, what)
+            raise
+        held_ms = (time.perf_counter() - began) * 1000
+        transaction_logger.info("COMMIT after %.1f ms (%s %s)", held_ms, kind, what)
