@@ -17,6 +17,7 @@ from typing import Self
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 
 
@@ -136,6 +137,25 @@ class RawHttp2:
         self._conn.send_data(stream_id, grpc_frame(message), end_stream=True)
         await self._flush()
         return await self._read(stream_id, timeout_s)
+
+    async def send_and_reset(
+        self, method: str, message: bytes, metadata: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Sends one gRPC call and resets its stream (RST_STREAM CANCEL) in the same write."""
+        stream_id = self._conn.get_next_available_stream_id()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", method.encode()),
+            (b":authority", self._authority.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            *metadata,
+        ]
+        self._conn.send_headers(stream_id, headers)
+        self._conn.send_data(stream_id, grpc_frame(message), end_stream=True)
+        self._conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
+        await self._flush()
 
     async def ping_flood(self, count: int, *, timeout_s: float = 5) -> RawResponse:
         """Sends up to ``count`` pings 20 ms apart, reading in between, until the server ends
