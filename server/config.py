@@ -81,6 +81,11 @@ class Settings:
 
     db_pool_size: int = 10
     """PostgreSQL connections per process (CHATSTREAM_DB_POOL_SIZE)."""
+    write_timeout_s: float = 30.0
+    """Longest a stream's event may wait for the client to accept it (HTTP/2 flow control) before
+    the call counts as gone: its turn ends CANCELLED with its partial text and frees its slot
+    (CHATSTREAM_WRITE_TIMEOUT_S)."""
+
     shutdown_grace_s: float = 10.0
     """How long in-flight streams may finish after SIGTERM (CHATSTREAM_SHUTDOWN_GRACE_S)."""
 
@@ -206,6 +211,7 @@ class Settings:
             max_text_chars=_int(env, "CHATSTREAM_MAX_TEXT_CHARS", defaults.max_text_chars, minimum=1),
             turn_lease_s=_int(env, "CHATSTREAM_TURN_LEASE_S", defaults.turn_lease_s, minimum=1),
             db_pool_size=_int(env, "CHATSTREAM_DB_POOL_SIZE", defaults.db_pool_size, minimum=1),
+            write_timeout_s=_float(env, "CHATSTREAM_WRITE_TIMEOUT_S", defaults.write_timeout_s, minimum=0.1),
             shutdown_grace_s=_float(env, "CHATSTREAM_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),
             shutdown_drain_s=_float(
                 env, "CHATSTREAM_SHUTDOWN_DRAIN_S", defaults.shutdown_drain_s, minimum=0.0

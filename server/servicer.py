@@ -60,12 +60,18 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
                 # Off by default: users' messages stay out of the logs (docs/security.md).
                 logger.debug("chat text from %s: %r", owner, chat.text)
             seq = 0
+            write_timeout_s = self._settings.write_timeout_s
 
             async def emit(event: TurnEvent) -> None:
                 nonlocal seq
                 seq += 1
                 try:
-                    await context.write(convert.event_to_proto(seq, event))
+                    # A client that stops reading (an HTTP/2 window of 0) must not hold its
+                    # turn, its conversation and a stream slot forever.
+                    async with asyncio.timeout(write_timeout_s):
+                        await context.write(convert.event_to_proto(seq, event))
+                except TimeoutError:
+                    raise ClientGoneError(f"no write accepted for {write_timeout_s:g}s") from None
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

@@ -19,6 +19,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 
 
 @dataclass
@@ -137,6 +138,28 @@ class RawHttp2:
         self._conn.send_data(stream_id, grpc_frame(message), end_stream=True)
         await self._flush()
         return await self._read(stream_id, timeout_s)
+
+    async def stop_reading(self) -> None:
+        """Announces a receive window of 0 for new streams: the server cannot send them any DATA."""
+        self._conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        await self._flush()
+
+    async def send(self, method: str, message: bytes, metadata: Sequence[tuple[bytes, bytes]] = ()) -> int:
+        """Sends one gRPC call and returns its stream id without reading anything."""
+        stream_id = self._conn.get_next_available_stream_id()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", method.encode()),
+            (b":authority", self._authority.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            *metadata,
+        ]
+        self._conn.send_headers(stream_id, headers)
+        self._conn.send_data(stream_id, grpc_frame(message), end_stream=True)
+        await self._flush()
+        return stream_id
 
     async def send_and_reset(
         self, method: str, message: bytes, metadata: Sequence[tuple[bytes, bytes]] = ()
