@@ -27,10 +27,12 @@ from server.leases import TurnLeases
 from server.limits import StreamLimiter
 from server.llm import LlmClient
 from server.metrics import Metrics, serve_metrics
+from server.production import Producer
 from server.publisher import TurnPublisher
 from server.servicer import ChatServicer
 from server.tracing import TracingInterceptor, configure_tracing, shutdown_tracing
 from server.turns import TurnRunner
+from server.watch import ConversationHub, TurnWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -175,19 +177,40 @@ class ChatServer:
         self._leases = leases
         renewals = asyncio.create_task(leases.renew_forever(), name="lease renewal")
         self._stack.push_async_callback(_cancel_and_wait, renewals)
-        runner = TurnRunner(
+        publisher = TurnPublisher(redis, shards=settings.shards)
+        producer = Producer(
+            settings=settings,
             database=database,
             redis=redis,
             llm=llm,
             context=context,
-            publisher=TurnPublisher(redis, shards=settings.shards),
+            publisher=publisher,
             leases=leases,
+            metrics=self.metrics,
+        )
+        watcher = TurnWatcher(
+            database=database,
+            redis=redis,
+            publisher=publisher,
+            live_log=settings.live_log,
+            live_ttl_s=settings.live_ttl_s,
+        )
+        runner = TurnRunner(
+            database=database,
+            redis=redis,
+            producer=producer,
+            watcher=watcher,
+            leases=leases,
+            llm_model=llm.model,
+            live_ttl_s=settings.live_ttl_s,
             metrics=self.metrics,
         )
         servicer = ChatServicer(
             settings=settings,
             authenticator=self._authenticator,
             turns=runner,
+            watcher=watcher,
+            hub=ConversationHub(database=database, redis=redis),
             conversations=ConversationService(
                 database,
                 context,
@@ -265,12 +288,15 @@ class ChatServer:
                 # Health says NOT_SERVING while calls are still accepted, so load
                 # balancers move traffic away before the port refuses it.
                 await asyncio.sleep(self._settings.shutdown_drain_s)
+            began = asyncio.get_running_loop().time()
             if self._server is not None:
                 await self._server.stop(grace)
             if self._leases is not None:
-                # Turns still streaming past the grace period are cancelled and recorded
-                # while the pool they use is still open.
-                await self._leases.shutdown()
+                # Turns that go on without their caller (ON_DISCONNECT_CONTINUE) get what is
+                # left of the grace period too; then every turn still streaming is
+                # cancelled and recorded while the pool it uses is still open.
+                left = grace - (asyncio.get_running_loop().time() - began)
+                await self._leases.shutdown(wait_s=max(0.0, left))
         finally:
             await self._stack.aclose()
 

@@ -81,6 +81,19 @@ class Settings:
 
     db_pool_size: int = 10
     """PostgreSQL connections per process (CHATSTREAM_DB_POOL_SIZE)."""
+    live_log: bool = True
+    """Write each turn's events to its live log in Redis, for WatchTurn, WatchConversation, resuming
+    and CancelTurn from any replica (CHATSTREAM_LIVE_LOG). Off, those serve ended turns from
+    PostgreSQL only."""
+    live_ttl_s: float = 300.0
+    """How long a turn's live log lives after its last event; resuming later is served from
+    PostgreSQL (CHATSTREAM_LIVE_TTL_S)."""
+    live_maxlen: int = 10_000
+    """The most events one turn's live log keeps (CHATSTREAM_LIVE_MAXLEN)."""
+    max_turn_s: float = 600.0
+    """The longest a turn may stream, also when it continues without its client
+    (``ON_DISCONNECT_CONTINUE``); past it the turn ends CANCELLED (CHATSTREAM_MAX_TURN_S)."""
+
     write_timeout_s: float = 30.0
     """Longest a stream's event may wait for the client to accept it (HTTP/2 flow control) before
     the call counts as gone: its turn ends CANCELLED with its partial text and frees its slot
@@ -211,6 +224,10 @@ class Settings:
             max_text_chars=_int(env, "CHATSTREAM_MAX_TEXT_CHARS", defaults.max_text_chars, minimum=1),
             turn_lease_s=_int(env, "CHATSTREAM_TURN_LEASE_S", defaults.turn_lease_s, minimum=1),
             db_pool_size=_int(env, "CHATSTREAM_DB_POOL_SIZE", defaults.db_pool_size, minimum=1),
+            live_log=_bool(env, "CHATSTREAM_LIVE_LOG", defaults.live_log),
+            live_ttl_s=_float(env, "CHATSTREAM_LIVE_TTL_S", defaults.live_ttl_s, minimum=0.1),
+            live_maxlen=_int(env, "CHATSTREAM_LIVE_MAXLEN", defaults.live_maxlen, minimum=10),
+            max_turn_s=_float(env, "CHATSTREAM_MAX_TURN_S", defaults.max_turn_s, minimum=1.0),
             write_timeout_s=_float(env, "CHATSTREAM_WRITE_TIMEOUT_S", defaults.write_timeout_s, minimum=0.1),
             shutdown_grace_s=_float(env, "CHATSTREAM_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),
             shutdown_drain_s=_float(

@@ -14,9 +14,9 @@ from server.domain import (
     Conversation,
     Message,
     Role,
+    Sequenced,
     TextDelta,
     TurnCompleted,
-    TurnEvent,
     TurnStarted,
     TurnStatus,
     Usage,
@@ -24,6 +24,7 @@ from server.domain import (
 from server.errors import InvalidArgumentError
 
 _CONVERSATION_NAME: Final = re.compile(r"conversations/([0-9a-fA-F-]{32,36})")
+_TURN_NAME: Final = re.compile(r"conversations/([0-9a-fA-F-]{32,36})/turns/([0-9a-fA-F-]{32,36})")
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 _STATUS_TO_PROTO: Final = {
@@ -45,6 +46,29 @@ def parse_conversation_name(name: str, *, field: str) -> uuid.UUID:
         return uuid.UUID(match.group(1))
     except ValueError:
         raise InvalidArgumentError.for_field(field, "must be conversations/{uuid}") from None
+
+
+def parse_turn_name(name: str, *, field: str = "turn") -> tuple[uuid.UUID, uuid.UUID]:
+    """``conversations/{uuid}/turns/{uuid}`` -> (conversation id, turn id)."""
+    match = _TURN_NAME.fullmatch(name)
+    if match is None:
+        raise InvalidArgumentError.for_field(field, "must be conversations/{uuid}/turns/{uuid}")
+    try:
+        return uuid.UUID(match.group(1)), uuid.UUID(match.group(2))
+    except ValueError:
+        raise InvalidArgumentError.for_field(field, "must be conversations/{uuid}/turns/{uuid}") from None
+
+
+def parse_resume_point(value: int, *, field: str) -> int:
+    """``after_seq`` / ``after_offset``: zero or more."""
+    if value < 0:
+        raise InvalidArgumentError.for_field(field, "must not be negative")
+    return value
+
+
+def status_to_proto(status: TurnStatus) -> pb.TurnStatus.ValueType:
+    """Domain turn status -> proto enum value."""
+    return _STATUS_TO_PROTO[status]
 
 
 def parse_conversation_id(value: str, *, field: str) -> uuid.UUID:
@@ -119,11 +143,14 @@ def usage_to_proto(usage: Usage) -> pb.Usage:
     return pb.Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
 
 
-def event_to_proto(seq: int, event: TurnEvent) -> pb.ChatResponse:
-    """One domain event, numbered ``seq`` within its turn -> one ChatResponse."""
+def event_to_proto(item: Sequenced) -> pb.ChatResponse:
+    """One numbered domain event -> one ChatResponse."""
+    seq, event = item.seq, item.event
     match event:
-        case TextDelta(text=text):
-            return pb.ChatResponse(event=pb.TurnEvent(seq=seq, text_delta=pb.TextDelta(text=text)))
+        case TextDelta(text=text, offset=offset):
+            return pb.ChatResponse(
+                event=pb.TurnEvent(seq=seq, text_delta=pb.TextDelta(text=text, offset=offset))
+            )
         case TurnStarted(conversation_id=conversation_id, turn_id=turn_id, replay=replay):
             started = pb.TurnStarted(
                 conversation=conversation_name(conversation_id),
@@ -137,6 +164,7 @@ def event_to_proto(seq: int, event: TurnEvent) -> pb.ChatResponse:
                 stop_reason=stop_reason,
                 usage=usage_to_proto(usage),
                 model=model,
+                error_reason=event.error_reason or "",
             )
             return pb.ChatResponse(event=pb.TurnEvent(seq=seq, completed=completed))
         case _:

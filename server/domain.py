@@ -70,6 +70,9 @@ class Turn:
     model: str
     created_at: datetime
     completed_at: datetime | None
+    last_seq: int | None = None
+    """The number of the turn's terminal event, once it ended (None for turns that ended
+    before events were numbered by the producer)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +112,8 @@ class TextDelta:
     """A piece of the reply."""
 
     text: str
+    offset: int = 0
+    """Where ``text`` starts in the whole reply, in characters (Unicode code points)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +124,21 @@ class TurnCompleted:
     stop_reason: str
     usage: Usage
     model: str
+    error_reason: str | None = None
+    """Why a turn that did not complete ended (CANCELLED, a failure's reason, LEASE_EXPIRED)."""
 
 
 TurnEvent = TurnStarted | TextDelta | TurnCompleted
+
+
+@dataclass(frozen=True, slots=True)
+class Sequenced:
+    """A turn event with its number, assigned where the turn is produced.
+
+    Every client and watcher of a turn sees the same number for the same event. An event
+    that joins several produced deltas carries the number of the last one, so numbers
+    increase but may skip.
+    """
+
+    seq: int
+    event: TurnEvent

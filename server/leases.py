@@ -1,9 +1,10 @@
-"""The turns this process is producing: their leases, and what a shutdown must wait for.
+"""Leases: the turns this process is producing, and the end of turns whose producer died.
 
 A STREAMING turn carries a lease that its server renews every third of the lease. A
-server that dies stops renewing, so its turns' leases expire and the sweeper (or the next
-turn of the conversation) ends them INTERRUPTED. That is the only way a turn ends without
-the process that produced it.
+server that dies stops renewing, so its turns' leases expire, and ``interrupt_expired``
+(run by the relay's sweeper, by the next turn of the conversation, by a retry or a
+watcher of the turn) ends them INTERRUPTED with the partial reply their live log kept.
+That is the only way a turn ends without the process that produced it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from server import live
 from server.db import turn_store
 from server.db.engine import Database
+from server.domain import Sequenced, TextDelta, Turn, TurnCompleted
 from server.errors import classify
+from server.publisher import TurnPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +83,86 @@ class TurnLeases:
                 # A missed renewal is survivable: two more happen before the lease ends.
                 logger.warning("lease renewal failed: %s", classify(exc).reason)
 
-    async def shutdown(self) -> None:
-        """Cancels the calls still producing and waits until every outcome is recorded.
+    async def shutdown(self, *, wait_s: float = 0.0) -> None:
+        """Lets the turns still producing finish for up to ``wait_s``, then cancels them and
+        waits until every outcome is recorded.
 
-        Called after the gRPC server's grace period: grpc aborts those calls towards the
-        client but does not reliably cancel their handlers before the process exits, so
-        they are cancelled here, which records their turns as CANCELLED.
+        Called after the gRPC server's grace period: grpc aborts the calls towards their
+        clients but does not reliably cancel their handlers before the process exits, and
+        turns that continue without their caller have no call at all; cancelling them
+        here records their turns as CANCELLED.
         """
-        calls = list(self._calls)
+        if self._calls and wait_s > 0:
+            await asyncio.wait(list(self._calls), timeout=wait_s)
+        calls = [call for call in self._calls if not call.done()]
         for call in calls:
             call.cancel()
         if calls:
             await asyncio.gather(*calls, return_exceptions=True)
         while self._finishing:
             await asyncio.gather(*list(self._finishing), return_exceptions=True)
+
+
+async def interrupt_expired(
+    database: Database,
+    redis: aioredis.Redis,
+    publisher: TurnPublisher,
+    *,
+    live_ttl_s: float,
+    limit: int,
+    conversation_id: uuid.UUID | None = None,
+) -> list[Turn]:
+    """Ends turns whose lease expired INTERRUPTED, keeping the text their live log holds.
+
+    Three short steps, none holding a transaction across Redis: find the expired turns,
+    read their live logs, then one statement that ends only those still expired. The
+    terminal event is appended to each log so that its watchers end at once, and the
+    turns are published for the persistence consumer (best effort: the relay re-publishes
+    what this misses).
+    """
+    async with database.autocommit("find expired turns") as conn:
+        expired = await turn_store.find_expired(conn, limit=limit, conversation_id=conversation_id)
+    if not expired:
+        return []
+    remains = [await _remains(redis, turn_id) for turn_id in expired]
+    async with database.autocommit("interrupt expired turns") as conn:
+        ended = await turn_store.interrupt(conn, remains)
+    for turn in ended:
+        await _append_terminal(redis, turn, ttl_s=live_ttl_s)
+    if ended:
+        try:
+            await publisher.publish_many(ended)
+        except (RedisError, OSError) as exc:
+            logger.warning(
+                "publishing %d interrupted turn(s) failed (%s); the relay will retry", len(ended), exc
+            )
+    return ended
+
+
+async def _remains(redis: aioredis.Redis, turn_id: uuid.UUID) -> turn_store.Remains:
+    try:
+        events = await live.read_after(redis, turn_id, 0)
+    except (RedisError, OSError) as exc:
+        logger.warning("live log of turn %s unreadable (%s); its partial reply is lost", turn_id, exc)
+        events = []
+    text = "".join(e.event.text for e in events if isinstance(e.event, TextDelta))
+    return turn_store.Remains(turn_id=turn_id, text=text, last_seq=(events[-1].seq if events else 1) + 1)
+
+
+async def _append_terminal(redis: aioredis.Redis, turn: Turn, *, ttl_s: float) -> None:
+    if turn.last_seq is None:
+        return
+    event = TurnCompleted(
+        status=turn.status, stop_reason="", usage=turn.usage, model=turn.model, error_reason="LEASE_EXPIRED"
+    )
+    key = live.live_key(turn.id)
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, live.encode(Sequenced(turn.last_seq, event)), id=f"{turn.last_seq}-0")
+            pipe.pexpire(key, int(ttl_s * 1000))
+            await pipe.execute()
+    except (RedisError, OSError) as exc:
+        # Watchers notice the end through PostgreSQL instead.
+        logger.info(
+            "could not append the end of turn %s to its live log (%s)", turn.id, exc.__class__.__name__
+        )

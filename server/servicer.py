@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from typing import Final, TypeVar
 
 import grpc
 from chatstream.v1 import chat_service_pb2 as pb
@@ -13,11 +15,16 @@ from server import convert
 from server.auth import Authenticator
 from server.config import Settings
 from server.conversations import ConversationService
-from server.domain import TurnEvent
-from server.errors import abort_on_error
-from server.turns import ChatInput, ClientGoneError, TurnRunner
+from server.domain import Sequenced
+from server.errors import InvalidArgumentError, abort_on_error
+from server.turns import ChatInput, ClientGoneError, Emit, TurnRunner
+from server.watch import ConversationHub, TurnWatcher
 
 logger = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT")
+
+_ON_DISCONNECT: Final = frozenset(pb.OnDisconnect.values())
 
 
 class ChatServicer(pb_grpc.ChatServiceServicer):
@@ -29,11 +36,15 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
         settings: Settings,
         authenticator: Authenticator,
         turns: TurnRunner,
+        watcher: TurnWatcher,
+        hub: ConversationHub,
         conversations: ConversationService,
     ) -> None:
         self._settings = settings
         self._auth = authenticator
         self._turns = turns
+        self._watcher = watcher
+        self._hub = hub
         self._conversations = conversations
 
     # mypy-protobuf types streaming handlers as iterators only; grpc.aio also accepts a
@@ -56,34 +67,89 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
                 text=convert.parse_text(request.text, max_chars=self._settings.max_text_chars),
                 request_id=convert.parse_request_id(request.request_id),
             )
+            if request.on_disconnect not in _ON_DISCONNECT:
+                raise InvalidArgumentError.for_field("on_disconnect", "is not an OnDisconnect value")
             if self._settings.log_user_content:
                 # Off by default: users' messages stay out of the logs (docs/security.md).
                 logger.debug("chat text from %s: %r", owner, chat.text)
-            seq = 0
-            write_timeout_s = self._settings.write_timeout_s
-
-            async def emit(event: TurnEvent) -> None:
-                nonlocal seq
-                seq += 1
-                try:
-                    # A client that stops reading (an HTTP/2 window of 0) must not hold its
-                    # turn, its conversation and a stream slot forever.
-                    async with asyncio.timeout(write_timeout_s):
-                        await context.write(convert.event_to_proto(seq, event))
-                except TimeoutError:
-                    raise ClientGoneError(f"no write accepted for {write_timeout_s:g}s") from None
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # grpc fails a write to a call whose peer is gone (reset, disconnect,
-                    # cancel) with its own exception types, not CancelledError.
-                    raise ClientGoneError(exc.__class__.__name__) from exc
-
             try:
-                await self._turns.run(chat, emit, time_remaining_s=context.time_remaining())
+                await self._turns.run(
+                    chat,
+                    self._emitter(context),
+                    time_remaining_s=context.time_remaining(),
+                    continue_on_disconnect=request.on_disconnect == pb.ON_DISCONNECT_CONTINUE,
+                )
             except ClientGoneError as gone:
-                # The turn is stored CANCELLED; there is nobody left to send a status to.
+                # The turn is recorded; there is nobody left to send a status to.
                 logger.info("client gone mid-turn (%s)", gone)
+
+    async def WatchTurn(  # type: ignore[override]
+        self,
+        request: pb.WatchTurnRequest,
+        context: grpc.aio.ServicerContext[pb.WatchTurnRequest, pb.ChatResponse],
+    ) -> None:
+        """Follows one turn from a resume point to its end, from the live log or PostgreSQL."""
+        async with abort_on_error(context):
+            owner = self._auth.owner(context)
+            _, turn_id = convert.parse_turn_name(request.turn)
+            after_seq = convert.parse_resume_point(request.after_seq, field="after_seq")
+            after_offset = convert.parse_resume_point(request.after_offset, field="after_offset")
+            with contextlib.suppress(ClientGoneError):
+                await self._watcher.watch(
+                    owner=owner,
+                    turn_id=turn_id,
+                    after_seq=after_seq,
+                    after_offset=after_offset,
+                    emit=self._emitter(context),
+                )
+
+    async def CancelTurn(
+        self,
+        request: pb.CancelTurnRequest,
+        context: grpc.aio.ServicerContext[pb.CancelTurnRequest, pb.CancelTurnResponse],
+    ) -> pb.CancelTurnResponse:
+        """Ends a streaming turn CANCELLED from any replica; idempotent."""
+        async with abort_on_error(context):
+            owner = self._auth.owner(context)
+            _, turn_id = convert.parse_turn_name(request.turn)
+            ended = await self._watcher.cancel(owner=owner, turn_id=turn_id)
+            return pb.CancelTurnResponse(status=convert.status_to_proto(ended.status))
+        raise AssertionError("unreachable: abort_on_error aborts")
+
+    async def WatchConversation(  # type: ignore[override]
+        self,
+        request: pb.WatchConversationRequest,
+        context: grpc.aio.ServicerContext[pb.WatchConversationRequest, pb.ChatResponse],
+    ) -> None:
+        """Streams each new turn of a conversation as it happens, until the caller leaves."""
+        async with abort_on_error(context):
+            owner = self._auth.owner(context)
+            conversation_id = convert.parse_conversation_name(request.conversation, field="conversation")
+            with contextlib.suppress(ClientGoneError):
+                await self._hub.watch(
+                    owner=owner, conversation_id=conversation_id, emit=self._emitter(context)
+                )
+
+    def _emitter(self, context: grpc.aio.ServicerContext[RequestT, pb.ChatResponse]) -> Emit:
+        """Writes numbered events to ``context``; raises ClientGoneError when the client is gone."""
+        write_timeout_s = self._settings.write_timeout_s
+
+        async def emit(item: Sequenced) -> None:
+            try:
+                # A client that stops reading (an HTTP/2 window of 0) must not hold its
+                # turn, its conversation and a stream slot forever.
+                async with asyncio.timeout(write_timeout_s):
+                    await context.write(convert.event_to_proto(item))
+            except TimeoutError:
+                raise ClientGoneError(f"no write accepted for {write_timeout_s:g}s") from None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # grpc fails a write to a call whose peer is gone (reset, disconnect,
+                # cancel) with its own exception types, not CancelledError.
+                raise ClientGoneError(exc.__class__.__name__) from exc
+
+        return emit
 
     async def CreateConversation(
         self,

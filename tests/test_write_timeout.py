@@ -16,7 +16,9 @@ async def test_a_stream_whose_client_accepts_no_write_is_cancelled_and_frees_its
 ) -> None:
     # One stream slot in all: the stuck call holds it until the write timeout frees it.
     server = await start_server(write_timeout_s=1.0, max_streams=1)
-    fake.script(Stream([f"w{i} " for i in range(50)], delay_s=0.01))
+    # The model is still producing when the write timeout passes (a model that finished
+    # first would leave the turn COMPLETED, stored whole, and only free the slot).
+    fake.script(Stream([f"w{i} " for i in range(100)], delay_s=0.1))
     async with await RawHttp2.connect(server.address) as raw:
         await raw.stop_reading()
         await raw.send(

@@ -50,6 +50,8 @@ async def run_consumer(
         worker = PersistenceWorker.from_settings(settings, redis=redis, database=database, metrics=metrics)
         relayer = Relay(
             database=database,
+            redis=redis,
+            live_ttl_s=settings.live_ttl_s,
             publisher=TurnPublisher(redis, shards=settings.shards),
             interval=timedelta(seconds=settings.relay_interval_s),
             grace=timedelta(seconds=settings.relay_grace_s),

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
 
+import redis.asyncio as aioredis
+
 from server.db import turn_store
 from server.db.engine import Database
 from server.errors import classify
+from server.leases import interrupt_expired
 from server.metrics import Metrics
 from server.publisher import TurnPublisher
 
@@ -47,12 +50,16 @@ class Relay:
         self,
         *,
         database: Database,
+        redis: aioredis.Redis,
         publisher: TurnPublisher,
         interval: timedelta,
         grace: timedelta,
+        live_ttl_s: float,
         metrics: Metrics | None = None,
     ) -> None:
         self._database = database
+        self._redis = redis
+        self._live_ttl_s = live_ttl_s
         self._publisher = publisher
         self._interval = interval
         self._grace = grace
@@ -79,8 +86,9 @@ class Relay:
         """One pass: interrupt expired turns, then re-publish what is due; returns turns published."""
         published = 0
         while True:
-            async with self._database.autocommit("interrupt expired turns") as conn:
-                interrupted = await turn_store.interrupt_expired_turns(conn, limit=_BATCH)
+            interrupted = await interrupt_expired(
+                self._database, self._redis, self._publisher, live_ttl_s=self._live_ttl_s, limit=_BATCH
+            )
             if interrupted:
                 logger.warning(
                     "interrupted %d turn(s) whose server stopped renewing their lease", len(interrupted)
@@ -91,10 +99,11 @@ class Relay:
             # the turn waits one backoff period and is claimed again.
             async with self._database.autocommit("claim unpersisted turns") as conn:
                 due = await turn_store.claim_unpersisted_turns(conn, grace=self._grace, limit=_BATCH)
-            turns = [*interrupted, *due]
-            if turns:
-                await self._publisher.publish_many(turns)
-                published += len(turns)
+            # interrupt_expired published the interrupted turns itself.
+            published += len(interrupted)
+            if due:
+                await self._publisher.publish_many(due)
+                published += len(due)
                 self.stats.republished += len(due)
                 self._metrics.relay_republished.inc(len(due))
             if len(due) < _BATCH and len(interrupted) < _BATCH:

@@ -23,6 +23,7 @@ def turn(row: RowMapping) -> Turn:
         model=row["model"],
         created_at=row["created_at"],
         completed_at=row["completed_at"],
+        last_seq=row["last_seq"],
     )
 
 

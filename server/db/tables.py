@@ -83,6 +83,8 @@ class TurnRow(Base):
     relayed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """When the relay last re-published this turn; spaces out re-publishes while it stays unpersisted."""
     relay_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_seq: Mapped[int | None] = mapped_column(Integer)
+    """The number of the turn's terminal event (its live numbering); set when it ends."""
 
     __table_args__ = (
         UniqueConstraint("conversation_id", "seq", name="uq_turns_conversation_seq"),

@@ -82,7 +82,7 @@ WITH u AS (
     UPDATE chat.turns SET
         assistant_text = :assistant_text, status = :status, stop_reason = :stop_reason,
         input_tokens = :input_tokens, output_tokens = :output_tokens, model = :model,
-        error_reason = :error_reason, completed_at = now(), lease_expires_at = NULL
+        error_reason = :error_reason, last_seq = :last_seq, completed_at = now(), lease_expires_at = NULL
     WHERE id = :turn_id AND status = 'STREAMING'
     RETURNING *
 )
@@ -117,8 +117,6 @@ class Started:
     """The turn is inserted as STREAMING and committed."""
 
     turn: Turn
-    interrupted: tuple[Turn, ...] = ()
-    """Turns whose lease had expired, ended INTERRUPTED to make room; to be published."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,15 +124,17 @@ class Existing:
     """The request_id already names a turn (a retry, or a reuse of the key): nothing was inserted."""
 
     turn: Turn
-    interrupted: tuple[Turn, ...] = ()
-    """As in ``Started``; ``turn`` itself is among them when its producer had died."""
+    expired: bool = False
+    """The turn is STREAMING but its producer stopped renewing its lease (it died)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Busy:
-    """Another turn of the conversation is streaming and its producer is alive."""
+    """Another turn of the conversation is streaming."""
 
     conversation_id: uuid.UUID
+    expired: bool = False
+    """That turn's producer stopped renewing its lease: end the turn and start again."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,9 +148,10 @@ StartResult = Started | Existing | Busy | ConversationNotFound
 async def start_turn(database: Database, request: TurnRequest) -> StartResult:
     """Unit of work 1: the turn inserted as STREAMING, or why it was not.
 
-    The common case is one statement. Anything it cannot decide is settled in one short
-    transaction that also ends a dead producer's turn (an expired lease) so that the
-    conversation, or the same request_id, can go on at once.
+    The common case is one statement. Anything it cannot decide is settled in one short,
+    read-mostly transaction. Ending a dead producer's turn needs its live log from Redis,
+    which no transaction may wait for, so that is reported (``expired``) for the caller
+    to do (server/leases.py) before it starts again.
     """
     turn_id = uuid.uuid4()
     statement, params = _start_statement(request, turn_id, request.conversation_id)
@@ -168,17 +169,10 @@ async def start_turn(database: Database, request: TurnRequest) -> StartResult:
 
 
 async def _start_contended(session: Executor, request: TurnRequest, turn_id: uuid.UUID) -> StartResult:
-    interrupted: list[Turn] = []
     if request.request_id is not None:
-        existing = await find_turn_by_request_id(session, owner=request.owner, request_id=request.request_id)
+        existing = await _find_by_request_id(session, request)
         if existing is not None:
-            if existing.status is TurnStatus.STREAMING:
-                # A retry after its producer died: end that turn now, not at the next sweep.
-                interrupted = await interrupt_expired_turns(
-                    session, limit=10, conversation_id=existing.conversation_id
-                )
-                existing = next((t for t in interrupted if t.id == existing.id), existing)
-            return Existing(turn=existing, interrupted=tuple(interrupted))
+            return existing
     conversation_id = request.conversation_id
     if conversation_id is None:
         # Only an (owner, request_id) conflict stops a new conversation's statement, and
@@ -192,25 +186,39 @@ async def _start_contended(session: Executor, request: TurnRequest, turn_id: uui
         )
         if conversation_id is None:
             return ConversationNotFound()
-    else:
-        owned = await session.scalar(
-            select(ConversationRow.id).where(
-                ConversationRow.id == conversation_id, ConversationRow.owner == request.owner
-            )
-        )
-        if owned is None:
-            return ConversationNotFound()
-    interrupted = await interrupt_expired_turns(session, limit=10, conversation_id=conversation_id)
     statement, params = _start_statement(request, turn_id, conversation_id)
     row = (await session.execute(statement, params)).mappings().first()
     if row is not None:
-        return Started(turn=rows.turn(row), interrupted=tuple(interrupted))
+        return Started(turn=rows.turn(row))
+    owned = await session.scalar(
+        select(ConversationRow.id).where(
+            ConversationRow.id == conversation_id, ConversationRow.owner == request.owner
+        )
+    )
+    if owned is None:
+        return ConversationNotFound()
     if request.request_id is not None:
         # A concurrent twin with the same request_id committed first.
-        existing = await find_turn_by_request_id(session, owner=request.owner, request_id=request.request_id)
+        existing = await _find_by_request_id(session, request)
         if existing is not None:
-            return Existing(turn=existing, interrupted=tuple(interrupted))
-    return Busy(conversation_id=conversation_id)
+            return existing
+    expired = await session.scalar(
+        select(TurnRow.lease_expires_at < func.now()).where(
+            TurnRow.conversation_id == conversation_id, TurnRow.status == TurnStatus.STREAMING.value
+        )
+    )
+    return Busy(conversation_id=conversation_id, expired=bool(expired))
+
+
+async def _find_by_request_id(session: Executor, request: TurnRequest) -> Existing | None:
+    assert request.request_id is not None
+    result = await session.execute(
+        select(_TURNS, (_TURNS.c.lease_expires_at < func.now()).label("expired")).where(
+            _TURNS.c.owner == request.owner, _TURNS.c.request_id == request.request_id
+        )
+    )
+    row = result.mappings().first()
+    return None if row is None else Existing(turn=rows.turn(row), expired=bool(row["expired"]))
 
 
 def _start_statement(
@@ -239,11 +247,13 @@ async def store_outcome(
     usage: Usage,
     model: str,
     error_reason: str | None,
+    last_seq: int | None,
 ) -> Turn | None:
     """Unit of work 2 in one statement: the stored turn, or None if it is gone (deleted).
 
-    ``model`` is the model that answered, as the upstream reported it. A turn that is no
-    longer STREAMING (the sweeper interrupted it) is returned as stored.
+    ``model`` is the model that answered, as the upstream reported it; ``last_seq`` the
+    number of the turn's terminal event. A turn that is no longer STREAMING (the sweeper
+    interrupted it) is returned as stored.
     """
     async with database.autocommit("store outcome") as conn:
         result = await conn.execute(
@@ -257,6 +267,7 @@ async def store_outcome(
                 "output_tokens": usage.output_tokens,
                 "model": model,
                 "error_reason": error_reason,
+                "last_seq": last_seq,
             },
         )
         row = result.mappings().first()
@@ -302,32 +313,72 @@ async def renew_leases(executor: Executor, *, turn_ids: Sequence[uuid.UUID], lea
     return len(result.all())
 
 
-async def interrupt_expired_turns(
+async def find_expired(
     executor: Executor, *, limit: int, conversation_id: uuid.UUID | None = None
-) -> list[Turn]:
-    """Ends STREAMING turns whose lease expired (their server died) as INTERRUPTED.
-
-    SKIP LOCKED lets several sweepers run at once without waiting on each other.
-    The user's text is kept; the partial reply died with the server.
-    """
+) -> list[uuid.UUID]:
+    """STREAMING turns whose lease expired: their server died (or stalled past the lease)."""
     expired = select(TurnRow.id).where(
         TurnRow.status == TurnStatus.STREAMING.value, TurnRow.lease_expires_at < func.now()
     )
     if conversation_id is not None:
         expired = expired.where(TurnRow.conversation_id == conversation_id)
-    expired = expired.limit(limit).with_for_update(skip_locked=True)
+    return list(await executor.scalars(expired.order_by(TurnRow.lease_expires_at).limit(limit)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Remains:
+    """What a dead producer left of a turn in its live log."""
+
+    turn_id: uuid.UUID
+    text: str
+    last_seq: int
+    """The number the terminal INTERRUPTED event gets."""
+
+
+_INTERRUPT: Final = text("""
+UPDATE chat.turns AS t SET
+    status = 'INTERRUPTED', assistant_text = r.text, last_seq = r.last_seq, completed_at = now(),
+    lease_expires_at = NULL, error_reason = 'LEASE_EXPIRED'
+FROM unnest(CAST(:ids AS uuid[]), CAST(:texts AS text[]), CAST(:last_seqs AS int[])) AS r(id, text, last_seq)
+WHERE t.id = r.id AND t.status = 'STREAMING' AND t.lease_expires_at < now()
+RETURNING t.*
+""")
+
+
+async def interrupt(executor: Executor, remains: Sequence[Remains]) -> list[Turn]:
+    """Ends expired turns INTERRUPTED with the partial reply their live log kept (one statement).
+
+    A turn whose lease was renewed or that ended meanwhile is left alone, so several
+    sweepers, or a producer that was only slow, never overwrite each other.
+    """
+    if not remains:
+        return []
     result = await executor.execute(
-        update(TurnRow)
-        .where(TurnRow.id.in_(expired.scalar_subquery()))
-        .values(
-            status=TurnStatus.INTERRUPTED.value,
-            completed_at=func.now(),
-            lease_expires_at=None,
-            error_reason="LEASE_EXPIRED",
-        )
-        .returning(*_TURNS.c)
+        _INTERRUPT,
+        {
+            "ids": [r.turn_id for r in remains],
+            "texts": [r.text for r in remains],
+            "last_seqs": [r.last_seq for r in remains],
+        },
     )
     return [rows.turn(row) for row in result.mappings()]
+
+
+async def find_turn(executor: Executor, *, owner: str, turn_id: uuid.UUID) -> Turn | None:
+    """The owner's turn; None if it is missing or someone else's."""
+    result = await executor.execute(select(_TURNS).where(_TURNS.c.id == turn_id, _TURNS.c.owner == owner))
+    row = result.mappings().first()
+    return None if row is None else rows.turn(row)
+
+
+async def lease_expired(executor: Executor, turn_id: uuid.UUID) -> bool:
+    """Whether the turn is STREAMING with an expired lease (its producer died)."""
+    expired = await executor.scalar(
+        select(TurnRow.lease_expires_at < func.now()).where(
+            TurnRow.id == turn_id, TurnRow.status == TurnStatus.STREAMING.value
+        )
+    )
+    return bool(expired)
 
 
 async def claim_unpersisted_turns(executor: Executor, *, grace: timedelta, limit: int) -> list[Turn]:

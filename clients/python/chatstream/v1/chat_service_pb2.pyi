@@ -82,6 +82,34 @@ TURN_STATUS_INTERRUPTED: TurnStatus.ValueType  # 5
 """The server serving the turn died; found when its lease expired."""
 Global___TurnStatus: _TypeAlias = TurnStatus  # noqa: Y015
 
+class _OnDisconnect:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OnDisconnectEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OnDisconnect.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ON_DISCONNECT_UNSPECIFIED: _OnDisconnect.ValueType  # 0
+    """The default: same as ON_DISCONNECT_CANCEL."""
+    ON_DISCONNECT_CANCEL: _OnDisconnect.ValueType  # 1
+    """The turn ends CANCELLED at once, with what was produced so far."""
+    ON_DISCONNECT_CONTINUE: _OnDisconnect.ValueType  # 2
+    """The model goes on: the turn completes, is stored and published, and can be
+    watched or resumed with `WatchTurn`. Bounded by `CHATSTREAM_MAX_TURN_S`.
+    """
+
+class OnDisconnect(_OnDisconnect, metaclass=_OnDisconnectEnumTypeWrapper):
+    """What a turn does when the call that started it goes away."""
+
+ON_DISCONNECT_UNSPECIFIED: OnDisconnect.ValueType  # 0
+"""The default: same as ON_DISCONNECT_CANCEL."""
+ON_DISCONNECT_CANCEL: OnDisconnect.ValueType  # 1
+"""The turn ends CANCELLED at once, with what was produced so far."""
+ON_DISCONNECT_CONTINUE: OnDisconnect.ValueType  # 2
+"""The model goes on: the turn completes, is stored and published, and can be
+watched or resumed with `WatchTurn`. Bounded by `CHATSTREAM_MAX_TURN_S`.
+"""
+Global___OnDisconnect: _TypeAlias = OnDisconnect  # noqa: Y015
+
 @_typing.final
 class Conversation(_message.Message):
     """A chat session: an ordered series of turns that share context."""
@@ -205,6 +233,7 @@ class ChatRequest(_message.Message):
     CONVERSATION_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ON_DISCONNECT_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """Optional. `conversations/{conversation}` to continue; empty starts a new conversation."""
     text: _builtins.str
@@ -214,16 +243,21 @@ class ChatRequest(_message.Message):
     128 characters of [A-Za-z0-9._:-]). Reusing it with the same message replays
     the stored turn; with a different message it is INVALID_ARGUMENT.
     """
+    on_disconnect: Global___OnDisconnect.ValueType
+    """Optional. What happens to the turn if this call ends before it (the client
+    cancels, disconnects, or its deadline passes). Unspecified means CANCEL.
+    """
     def __init__(
         self,
         *,
         conversation: _builtins.str = ...,
         text: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        on_disconnect: Global___OnDisconnect.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "request_id", b"request_id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "on_disconnect", b"on_disconnect", "request_id", b"request_id", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -264,7 +298,11 @@ class TurnEvent(_message.Message):
     TEXT_DELTA_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """1, 2, 3, ... within the turn; `started` is always 1."""
+    """Increasing within the turn; `started` is always 1. Assigned where the turn is
+    produced, so it means the same to every caller and watcher of the turn. A
+    `text_delta` that joins several produced deltas (a slow reader) carries the
+    number of the last one, so numbers may skip. Resume after the last one seen.
+    """
     @_builtins.property
     def started(self) -> Global___TurnStarted:
         """First event. The conversation and the turn are durable when it is sent."""
@@ -334,16 +372,22 @@ class TextDelta(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text to append."""
+    offset: _builtins.int
+    """Where `text` starts in the whole reply, in Unicode code points. The client's
+    resume point once only PostgreSQL has the turn (`WatchTurnRequest.after_offset`).
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,12 +403,18 @@ class TurnCompleted(_message.Message):
     STOP_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
     status: Global___TurnStatus.ValueType
     """How the turn ended."""
     stop_reason: _builtins.str
     """The model's stop reason, e.g. `end_turn` or `max_tokens`."""
     model: _builtins.str
     """The model that produced the reply."""
+    error_reason: _builtins.str
+    """For a turn that did not complete: why (CANCELLED, DEADLINE_EXCEEDED,
+    LEASE_EXPIRED, or the failure's ErrorInfo reason). Empty otherwise, and in
+    events served from PostgreSQL.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Token counts for the turn."""
@@ -376,10 +426,11 @@ class TurnCompleted(_message.Message):
         stop_reason: _builtins.str = ...,
         usage: Global___Usage | None = ...,
         model: _builtins.str = ...,
+        error_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "status", b"status", "stop_reason", b"stop_reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_reason", b"error_reason", "model", b"model", "status", b"status", "stop_reason", b"stop_reason", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -639,3 +690,102 @@ class ListMessagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
+
+@_typing.final
+class WatchTurnRequest(_message.Message):
+    """A request to follow one turn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    AFTER_OFFSET_FIELD_NUMBER: _builtins.int
+    turn: _builtins.str
+    """Required. `conversations/{conversation}/turns/{turn}`, as in `TurnStarted.turn`."""
+    after_seq: _builtins.int
+    """Optional. The `seq` of the last event already received; 0 sends every event."""
+    after_offset: _builtins.int
+    """Optional. How much of the reply was already received, in Unicode code points
+    (the last `text_delta`'s `offset` plus its length). Used when the events come
+    from PostgreSQL; pass it with `after_seq` to resume without repeats.
+    """
+    def __init__(
+        self,
+        *,
+        turn: _builtins.str = ...,
+        after_seq: _builtins.int = ...,
+        after_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_offset", b"after_offset", "after_seq", b"after_seq", "turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchTurnRequest: _TypeAlias = WatchTurnRequest  # noqa: Y015
+
+@_typing.final
+class CancelTurnRequest(_message.Message):
+    """A request to cancel one turn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_FIELD_NUMBER: _builtins.int
+    turn: _builtins.str
+    """Required. `conversations/{conversation}/turns/{turn}`."""
+    def __init__(
+        self,
+        *,
+        turn: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTurnRequest: _TypeAlias = CancelTurnRequest  # noqa: Y015
+
+@_typing.final
+class CancelTurnResponse(_message.Message):
+    """The turn's final status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: Global___TurnStatus.ValueType
+    """CANCELLED, or how the turn had already ended."""
+    def __init__(
+        self,
+        *,
+        status: Global___TurnStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTurnResponse: _TypeAlias = CancelTurnResponse  # noqa: Y015
+
+@_typing.final
+class WatchConversationRequest(_message.Message):
+    """A request to follow a conversation's new turns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """Required. `conversations/{conversation}`."""
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchConversationRequest: _TypeAlias = WatchConversationRequest  # noqa: Y015

@@ -72,6 +72,21 @@ class ChatServiceStub:
                 request_serializer=chatstream_dot_v1_dot_chat__service__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=chatstream_dot_v1_dot_chat__service__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.WatchTurn = channel.unary_stream(
+                '/chatstream.v1.ChatService/WatchTurn',
+                request_serializer=chatstream_dot_v1_dot_chat__service__pb2.WatchTurnRequest.SerializeToString,
+                response_deserializer=chatstream_dot_v1_dot_chat__service__pb2.ChatResponse.FromString,
+                _registered_method=True)
+        self.CancelTurn = channel.unary_unary(
+                '/chatstream.v1.ChatService/CancelTurn',
+                request_serializer=chatstream_dot_v1_dot_chat__service__pb2.CancelTurnRequest.SerializeToString,
+                response_deserializer=chatstream_dot_v1_dot_chat__service__pb2.CancelTurnResponse.FromString,
+                _registered_method=True)
+        self.WatchConversation = channel.unary_stream(
+                '/chatstream.v1.ChatService/WatchConversation',
+                request_serializer=chatstream_dot_v1_dot_chat__service__pb2.WatchConversationRequest.SerializeToString,
+                response_deserializer=chatstream_dot_v1_dot_chat__service__pb2.ChatResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -92,8 +107,17 @@ class ChatServiceServicer:
 
         When `started` arrives, the conversation and the user's message are durable
         and visible to every other connection. An empty `conversation` starts a new one.
-        Retrying with the same `request_id` never runs the model twice: a completed
-        turn is replayed from storage, a turn still streaming returns ABORTED.
+        Retrying with the same `request_id` never runs the model twice: a turn still
+        streaming is attached to (as `WatchTurn` from the start would), an ended turn
+        is replayed from storage.
+
+        A client whose connection drops mid-reply resumes with `WatchTurn`, on any
+        replica, after the last event it saw: see `WatchTurn` for how long that works.
+        If the client goes away, `on_disconnect` says whether the turn goes on.
+
+        `Chat`, `WatchTurn` and `WatchConversation` stream the same `ChatResponse`, so a
+        client handles one event type however it reaches a turn.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +163,50 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTurn(self, request, context):
+        """Streams one turn's events after `after_seq`, then follows it live until its
+        terminal event (`completed`, whatever the status; a watcher never gets an error
+        status for a turn that failed: it gets `completed` with status FAILED).
+
+        Works on any replica: while the turn streams, and for
+        `CHATSTREAM_LIVE_TTL_S` (default 5 minutes) after its last event, its events
+        come from the turn's live log in Redis, numbered as the producer numbered them.
+        After that, and whenever the live log is gone, they come from PostgreSQL: the
+        stored text after `after_offset` as one `text_delta`, then `completed`. Either
+        way a client that resumes from the last `seq` and offset it saw ends up with
+        exactly the whole reply, nothing missing and nothing repeated. Events are in
+        the order they were produced; `seq` increases and may skip numbers.
+
+        If the producing server dies, the turn ends INTERRUPTED (with the text its live
+        log kept) within the lease (`CHATSTREAM_TURN_LEASE_S`, 30 s by default), and so
+        does the watch. NOT_FOUND if the turn does not exist or belongs to someone else.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTurn(self, request, context):
+        """Ends a streaming turn CANCELLED, keeping its partial reply, from any replica:
+        the producing server closes its upstream request within a second. Idempotent:
+        an ended turn's final status is returned and nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchConversation(self, request, context):
+        """Streams the events of each new turn of a conversation as it happens (from
+        `started` to `completed`), for a second device or an observer, until the
+        caller cancels. Turns that started before the call are not sent.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +239,21 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.ListMessages,
                     request_deserializer=chatstream_dot_v1_dot_chat__service__pb2.ListMessagesRequest.FromString,
                     response_serializer=chatstream_dot_v1_dot_chat__service__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'WatchTurn': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTurn,
+                    request_deserializer=chatstream_dot_v1_dot_chat__service__pb2.WatchTurnRequest.FromString,
+                    response_serializer=chatstream_dot_v1_dot_chat__service__pb2.ChatResponse.SerializeToString,
+            ),
+            'CancelTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTurn,
+                    request_deserializer=chatstream_dot_v1_dot_chat__service__pb2.CancelTurnRequest.FromString,
+                    response_serializer=chatstream_dot_v1_dot_chat__service__pb2.CancelTurnResponse.SerializeToString,
+            ),
+            'WatchConversation': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchConversation,
+                    request_deserializer=chatstream_dot_v1_dot_chat__service__pb2.WatchConversationRequest.FromString,
+                    response_serializer=chatstream_dot_v1_dot_chat__service__pb2.ChatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -343,6 +426,87 @@ class ChatService:
             '/chatstream.v1.ChatService/ListMessages',
             chatstream_dot_v1_dot_chat__service__pb2.ListMessagesRequest.SerializeToString,
             chatstream_dot_v1_dot_chat__service__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chatstream.v1.ChatService/WatchTurn',
+            chatstream_dot_v1_dot_chat__service__pb2.WatchTurnRequest.SerializeToString,
+            chatstream_dot_v1_dot_chat__service__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatstream.v1.ChatService/CancelTurn',
+            chatstream_dot_v1_dot_chat__service__pb2.CancelTurnRequest.SerializeToString,
+            chatstream_dot_v1_dot_chat__service__pb2.CancelTurnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chatstream.v1.ChatService/WatchConversation',
+            chatstream_dot_v1_dot_chat__service__pb2.WatchConversationRequest.SerializeToString,
+            chatstream_dot_v1_dot_chat__service__pb2.ChatResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,8 +50,17 @@ class ChatServiceStub:
 
     When `started` arrives, the conversation and the user's message are durable
     and visible to every other connection. An empty `conversation` starts a new one.
-    Retrying with the same `request_id` never runs the model twice: a completed
-    turn is replayed from storage, a turn still streaming returns ABORTED.
+    Retrying with the same `request_id` never runs the model twice: a turn still
+    streaming is attached to (as `WatchTurn` from the start would), an ended turn
+    is replayed from storage.
+
+    A client whose connection drops mid-reply resumes with `WatchTurn`, on any
+    replica, after the last event it saw: see `WatchTurn` for how long that works.
+    If the client goes away, `on_disconnect` says whether the turn goes on.
+
+    `Chat`, `WatchTurn` and `WatchConversation` stream the same `ChatResponse`, so a
+    client handles one event type however it reaches a turn.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     CreateConversation: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.CreateConversationRequest, _chat_service_pb2.CreateConversationResponse]
     """Creates an empty conversation. Idempotent on `request_id`."""
@@ -68,6 +77,38 @@ class ChatServiceStub:
     the turn completes, normally well under a second later; a turn that is still
     streaming, or whose relay is delayed, is not listed yet. The next `Chat` on the
     conversation always sees the previous turn, whatever this RPC returns.
+    """
+    WatchTurn: _grpc.UnaryStreamMultiCallable[_chat_service_pb2.WatchTurnRequest, _chat_service_pb2.ChatResponse]
+    """Streams one turn's events after `after_seq`, then follows it live until its
+    terminal event (`completed`, whatever the status; a watcher never gets an error
+    status for a turn that failed: it gets `completed` with status FAILED).
+
+    Works on any replica: while the turn streams, and for
+    `CHATSTREAM_LIVE_TTL_S` (default 5 minutes) after its last event, its events
+    come from the turn's live log in Redis, numbered as the producer numbered them.
+    After that, and whenever the live log is gone, they come from PostgreSQL: the
+    stored text after `after_offset` as one `text_delta`, then `completed`. Either
+    way a client that resumes from the last `seq` and offset it saw ends up with
+    exactly the whole reply, nothing missing and nothing repeated. Events are in
+    the order they were produced; `seq` increases and may skip numbers.
+
+    If the producing server dies, the turn ends INTERRUPTED (with the text its live
+    log kept) within the lease (`CHATSTREAM_TURN_LEASE_S`, 30 s by default), and so
+    does the watch. NOT_FOUND if the turn does not exist or belongs to someone else.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    CancelTurn: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.CancelTurnRequest, _chat_service_pb2.CancelTurnResponse]
+    """Ends a streaming turn CANCELLED, keeping its partial reply, from any replica:
+    the producing server closes its upstream request within a second. Idempotent:
+    an ended turn's final status is returned and nothing changes.
+    """
+    WatchConversation: _grpc.UnaryStreamMultiCallable[_chat_service_pb2.WatchConversationRequest, _chat_service_pb2.ChatResponse]
+    """Streams the events of each new turn of a conversation as it happens (from
+    `started` to `completed`), for a second device or an observer, until the
+    caller cancels. Turns that started before the call are not sent.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
 
 @_typing.type_check_only
@@ -90,8 +131,17 @@ class ChatServiceAsyncStub(ChatServiceStub):
 
     When `started` arrives, the conversation and the user's message are durable
     and visible to every other connection. An empty `conversation` starts a new one.
-    Retrying with the same `request_id` never runs the model twice: a completed
-    turn is replayed from storage, a turn still streaming returns ABORTED.
+    Retrying with the same `request_id` never runs the model twice: a turn still
+    streaming is attached to (as `WatchTurn` from the start would), an ended turn
+    is replayed from storage.
+
+    A client whose connection drops mid-reply resumes with `WatchTurn`, on any
+    replica, after the last event it saw: see `WatchTurn` for how long that works.
+    If the client goes away, `on_disconnect` says whether the turn goes on.
+
+    `Chat`, `WatchTurn` and `WatchConversation` stream the same `ChatResponse`, so a
+    client handles one event type however it reaches a turn.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     CreateConversation: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.CreateConversationRequest, _chat_service_pb2.CreateConversationResponse]  # type: ignore[assignment]
     """Creates an empty conversation. Idempotent on `request_id`."""
@@ -108,6 +158,38 @@ class ChatServiceAsyncStub(ChatServiceStub):
     the turn completes, normally well under a second later; a turn that is still
     streaming, or whose relay is delayed, is not listed yet. The next `Chat` on the
     conversation always sees the previous turn, whatever this RPC returns.
+    """
+    WatchTurn: _aio.UnaryStreamMultiCallable[_chat_service_pb2.WatchTurnRequest, _chat_service_pb2.ChatResponse]  # type: ignore[assignment]
+    """Streams one turn's events after `after_seq`, then follows it live until its
+    terminal event (`completed`, whatever the status; a watcher never gets an error
+    status for a turn that failed: it gets `completed` with status FAILED).
+
+    Works on any replica: while the turn streams, and for
+    `CHATSTREAM_LIVE_TTL_S` (default 5 minutes) after its last event, its events
+    come from the turn's live log in Redis, numbered as the producer numbered them.
+    After that, and whenever the live log is gone, they come from PostgreSQL: the
+    stored text after `after_offset` as one `text_delta`, then `completed`. Either
+    way a client that resumes from the last `seq` and offset it saw ends up with
+    exactly the whole reply, nothing missing and nothing repeated. Events are in
+    the order they were produced; `seq` increases and may skip numbers.
+
+    If the producing server dies, the turn ends INTERRUPTED (with the text its live
+    log kept) within the lease (`CHATSTREAM_TURN_LEASE_S`, 30 s by default), and so
+    does the watch. NOT_FOUND if the turn does not exist or belongs to someone else.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    CancelTurn: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.CancelTurnRequest, _chat_service_pb2.CancelTurnResponse]  # type: ignore[assignment]
+    """Ends a streaming turn CANCELLED, keeping its partial reply, from any replica:
+    the producing server closes its upstream request within a second. Idempotent:
+    an ended turn's final status is returned and nothing changes.
+    """
+    WatchConversation: _aio.UnaryStreamMultiCallable[_chat_service_pb2.WatchConversationRequest, _chat_service_pb2.ChatResponse]  # type: ignore[assignment]
+    """Streams the events of each new turn of a conversation as it happens (from
+    `started` to `completed`), for a second device or an observer, until the
+    caller cancels. Turns that started before the call are not sent.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -133,8 +215,17 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
 
         When `started` arrives, the conversation and the user's message are durable
         and visible to every other connection. An empty `conversation` starts a new one.
-        Retrying with the same `request_id` never runs the model twice: a completed
-        turn is replayed from storage, a turn still streaming returns ABORTED.
+        Retrying with the same `request_id` never runs the model twice: a turn still
+        streaming is attached to (as `WatchTurn` from the start would), an ended turn
+        is replayed from storage.
+
+        A client whose connection drops mid-reply resumes with `WatchTurn`, on any
+        replica, after the last event it saw: see `WatchTurn` for how long that works.
+        If the client goes away, `on_disconnect` says whether the turn goes on.
+
+        `Chat`, `WatchTurn` and `WatchConversation` stream the same `ChatResponse`, so a
+        client handles one event type however it reaches a turn.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
     @_abc_1.abstractmethod
@@ -181,6 +272,56 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         the turn completes, normally well under a second later; a turn that is still
         streaming, or whose relay is delayed, is not listed yet. The next `Chat` on the
         conversation always sees the previous turn, whatever this RPC returns.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchTurn(
+        self,
+        request: _chat_service_pb2.WatchTurnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_chat_service_pb2.ChatResponse], _abc.AsyncIterator[_chat_service_pb2.ChatResponse]]:
+        """Streams one turn's events after `after_seq`, then follows it live until its
+        terminal event (`completed`, whatever the status; a watcher never gets an error
+        status for a turn that failed: it gets `completed` with status FAILED).
+
+        Works on any replica: while the turn streams, and for
+        `CHATSTREAM_LIVE_TTL_S` (default 5 minutes) after its last event, its events
+        come from the turn's live log in Redis, numbered as the producer numbered them.
+        After that, and whenever the live log is gone, they come from PostgreSQL: the
+        stored text after `after_offset` as one `text_delta`, then `completed`. Either
+        way a client that resumes from the last `seq` and offset it saw ends up with
+        exactly the whole reply, nothing missing and nothing repeated. Events are in
+        the order they were produced; `seq` increases and may skip numbers.
+
+        If the producing server dies, the turn ends INTERRUPTED (with the text its live
+        log kept) within the lease (`CHATSTREAM_TURN_LEASE_S`, 30 s by default), and so
+        does the watch. NOT_FOUND if the turn does not exist or belongs to someone else.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def CancelTurn(
+        self,
+        request: _chat_service_pb2.CancelTurnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_service_pb2.CancelTurnResponse, _abc.Awaitable[_chat_service_pb2.CancelTurnResponse]]:
+        """Ends a streaming turn CANCELLED, keeping its partial reply, from any replica:
+        the producing server closes its upstream request within a second. Idempotent:
+        an ended turn's final status is returned and nothing changes.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchConversation(
+        self,
+        request: _chat_service_pb2.WatchConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_chat_service_pb2.ChatResponse], _abc.AsyncIterator[_chat_service_pb2.ChatResponse]]:
+        """Streams the events of each new turn of a conversation as it happens (from
+        `started` to `completed`), for a second device or an observer, until the
+        caller cancels. Turns that started before the call are not sent.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
