@@ -34,11 +34,11 @@ def message_json(message: Message) -> dict[str, object]:
     }
 
 
-def _role(role: Role.ValueType) -> str:
+def _role(role: int) -> str:
     return Role.Name(role).removeprefix("ROLE_").lower()
 
 
-def _status(status: TurnStatus.ValueType) -> str:
+def _status(status: int) -> str:
     return TurnStatus.Name(status).removeprefix("TURN_STATUS_").lower()
 
 

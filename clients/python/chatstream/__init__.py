@@ -6,7 +6,7 @@ Usage::
 
     async with AsyncChatClient("localhost:50051", metadata=[("authorization", "Bearer <token>")]) as client:
         reply = await client.chat_reply("Hello! Who are you?")
-        print(reply.text, reply.usage.output_tokens)
+        print(reply.text, reply.status, reply.usage.output_tokens)  # ... COMPLETED 42
         async for event in client.chat("Tell me more.", conversation=reply.conversation):
             if event.HasField("text_delta"):
                 print(event.text_delta.text, end="", flush=True)
@@ -16,10 +16,13 @@ Usage::
             print(err.code.name, err.reason)  # NOT_FOUND CONVERSATION_NOT_FOUND
 
 `ChatClient` has the same methods, blocking. Every failed call raises `ChatClientError`.
+`Role` and `TurnStatus` are `IntEnum`s over the proto's numbers that print their names:
+`reply.status` is one, and `Role(message.role)` turns a generated message's field into one.
 """
 
 from chatstream._async_client import AsyncChatClient
 from chatstream._common import ChatReply, RetryPolicy
+from chatstream._enums import Role, TurnStatus
 from chatstream._errors import ChatClientError
 from chatstream._sync_client import ChatClient
 from chatstream.v1.chat_service_pb2 import (
@@ -27,12 +30,10 @@ from chatstream.v1.chat_service_pb2 import (
     ListConversationsResponse,
     ListMessagesResponse,
     Message,
-    Role,
     TextDelta,
     TurnCompleted,
     TurnEvent,
     TurnStarted,
-    TurnStatus,
     Usage,
 )
 

@@ -1,5 +1,9 @@
-"""AsyncChatClient: ChatService over a `grpc.aio` channel."""
+"""AsyncChatClient: ChatService over a `grpc.aio.Channel`."""
 
+# The source of the blocking ChatClient too: clients/python/unasync.py writes _sync_client.py from
+# this file (these comments left out), and CI fails when the two drift apart. Write code that still
+# reads right with `async`, `await` and `aio` taken out.
+#
 # ASYNC109 prefers asyncio.timeout to a `timeout` argument, but ours becomes the gRPC deadline:
 # it travels to the server, which stops the turn's work when it passes; a local timeout cannot.
 # ruff: noqa: ASYNC109
@@ -40,7 +44,7 @@ _Response = TypeVar("_Response")
 class AsyncChatClient:
     """Asynchronous client for `chatstream.v1.ChatService`.
 
-    Create it inside a running event loop and close it once, preferably with `async with`.
+    Close it once, preferably with `async with`; create it inside a running event loop.
     Every failed call raises `ChatClientError`. Reads (get and list) are retried by gRPC on
     UNAVAILABLE; `chat` retries UNAVAILABLE itself, but only before its first event.
 
@@ -195,8 +199,8 @@ class AsyncChatClient:
         Raises:
             ChatClientError: The call failed (after retries, where they apply).
         """
-        # An async generator rather than AsyncIterator so callers can `aclose()` it: the
-        # call holds a server-side turn open between events.
+        # Typed AsyncGenerator rather than AsyncIterator so that callers may `aclose()` it:
+        # the call holds a server-side turn open between events.
         check_open(self._state)
         request = chat_request(text, conversation=conversation, request_id=request_id)
         deadline = Deadline.after(seconds(timeout, self._chat_timeout))
@@ -408,8 +412,8 @@ class AsyncChatClient:
         request: _Request,
         timeout: timedelta | None,
     ) -> _Response:
-        # The one place a unary AioRpcError becomes a ChatClientError. CancelledError is a
-        # BaseException and passes through.
+        # The one place a unary AioRpcError becomes a ChatClientError; cancellation (a
+        # BaseException) passes through.
         check_open(self._state)
         try:
             return await method(request, timeout=seconds(timeout, self._timeout), metadata=self._metadata)

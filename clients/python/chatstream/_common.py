@@ -14,6 +14,7 @@ from typing import Final, Self
 
 import grpc
 
+from chatstream._enums import TurnStatus
 from chatstream._errors import ChatClientError
 from chatstream.v1 import chat_service_pb2
 
@@ -87,8 +88,8 @@ class ChatReply:
     """Resource name of the turn, `conversations/{conversation}/turns/{turn}`."""
     text: str
     """The assistant's reply: every `text_delta` of the turn, concatenated."""
-    status: chat_service_pb2.TurnStatus.ValueType
-    """How the turn ended, normally `TurnStatus.TURN_STATUS_COMPLETED`."""
+    status: TurnStatus
+    """How the turn ended, normally `TurnStatus.COMPLETED`; prints its name, equals its proto number."""
     stop_reason: str
     """The model's stop reason, e.g. `end_turn` or `max_tokens`."""
     usage: chat_service_pb2.Usage
@@ -141,7 +142,7 @@ class ReplyBuilder:
             conversation=self._started.conversation,
             turn=self._started.turn,
             text="".join(self._text),
-            status=self._completed.status,
+            status=TurnStatus(self._completed.status),
             stop_reason=self._completed.stop_reason,
             usage=usage,
             model=self._completed.model,

@@ -1,4 +1,5 @@
-"""ChatClient: ChatService over a blocking `grpc.Channel`, with the method names of AsyncChatClient."""
+# Generated from _async_client.py by clients/python/unasync.py: do not edit.
+"""ChatClient: ChatService over a `grpc.Channel`."""
 
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ _Response = TypeVar("_Response")
 class ChatClient:
     """Blocking client for `chatstream.v1.ChatService`.
 
-    Close it once, preferably with `with`; it may be shared between threads. Every failed
-    call raises `ChatClientError`. Reads (get and list) are retried by gRPC on UNAVAILABLE;
-    `chat` retries UNAVAILABLE itself, but only before its first event.
+    Close it once, preferably with `with`; it may be shared between threads.
+    Every failed call raises `ChatClientError`. Reads (get and list) are retried by gRPC on
+    UNAVAILABLE; `chat` retries UNAVAILABLE itself, but only before its first event.
 
     Example:
         with ChatClient("localhost:50051", metadata=[("authorization", "Bearer t")]) as client:
@@ -175,8 +176,8 @@ class ChatClient:
         event has been yielded, a failure is raised as is.
 
         Leaving the loop early cancels the call, and the server records the turn as
-        cancelled. A `break` cancels it when the generator is collected (at once in
-        CPython); wrap the call in `contextlib.closing` to be explicit.
+        cancelled. A `break` cancels it when the generator is collected; wrap the call in
+        `contextlib.closing` to cancel at once.
 
         Args:
             text: The user's message.
@@ -191,8 +192,8 @@ class ChatClient:
         Raises:
             ChatClientError: The call failed (after retries, where they apply).
         """
-        # A generator rather than Iterator so callers can `close()` it: the call holds a
-        # server-side turn open between events.
+        # Typed Generator rather than Iterator so that callers may `close()` it:
+        # the call holds a server-side turn open between events.
         check_open(self._state)
         request = chat_request(text, conversation=conversation, request_id=request_id)
         deadline = Deadline.after(seconds(timeout, self._chat_timeout))
@@ -219,7 +220,7 @@ class ChatClient:
                     raise error from rpc_error
             finally:
                 # A no-op once the call has ended; otherwise the consumer left early (close,
-                # break or its own exception) and the server should stop the turn.
+                # break, its own exception or cancellation) and the server should stop the turn.
                 call.cancel()
             time.sleep(delay_s)
 
@@ -400,7 +401,8 @@ class ChatClient:
         request: _Request,
         timeout: timedelta | None,
     ) -> _Response:
-        # The one place a unary RpcError becomes a ChatClientError.
+        # The one place a unary RpcError becomes a ChatClientError; cancellation (a
+        # BaseException) passes through.
         check_open(self._state)
         try:
             return method(request, timeout=seconds(timeout, self._timeout), metadata=self._metadata)
