@@ -115,7 +115,7 @@ class TurnWatcher:
         async with self._database.autocommit("find turn") as conn:
             turn = await turn_store.find_turn(conn, owner=owner, turn_id=turn_id)
         if turn is None:
-            raise NotFoundError("turn not found", metadata={"turn": str(turn_id)})
+            raise NotFoundError("turn not found", reason="TURN_NOT_FOUND")
         return turn
 
     async def _reload(self, turn: Turn) -> Turn:
@@ -134,7 +134,7 @@ class TurnWatcher:
         async with self._database.autocommit("find turn") as conn:
             found = await turn_store.find_turn(conn, owner=turn.owner, turn_id=turn.id)
         if found is None:
-            raise NotFoundError("turn not found", metadata={"turn": str(turn.id)})
+            raise NotFoundError("turn not found", reason="TURN_NOT_FOUND")
         return found
 
     async def _until_ended(self, turn: Turn) -> Turn:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
+from chatstream import AsyncChatClient, ChatClient, TurnStatus
 from chatstream.v1 import chat_service_pb2 as pb
 from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
 
@@ -292,3 +293,49 @@ async def test_watch_conversation_streams_each_new_turn_to_every_watcher(
         for call in watchers:
             call.cancel()
     assert seen == [["second"]] * 3
+
+
+async def test_the_sdk_resumes_by_itself_after_a_cut_connection(
+    replicas: Replicas, fake: FakeAnthropic
+) -> None:
+    fake.script(Stream(_WORDS, delay_s=0.03))
+    events: list[pb.TurnEvent] = []
+    async with CuttingProxy(replicas.addresses) as proxy, AsyncChatClient(proxy.address) as client:
+        async with contextlib.aclosing(client.chat("tell me")) as stream:
+            async for event in stream:
+                events.append(event)
+                if len(events) == 6:
+                    proxy.active = 1
+                    proxy.cut()
+        assert proxy.connections >= 2
+    received = Received()
+    for event in events:
+        received.add(event)
+    received.assert_no_repeats()
+    assert received.text == _REPLY
+    assert received.completed is not None
+    assert received.completed.status == pb.TURN_STATUS_COMPLETED
+
+
+async def test_the_blocking_sdk_watches_and_cancels_turns_too(
+    replicas: Replicas, fake: FakeAnthropic
+) -> None:
+    fake.script(Stream(_WORDS, delay_s=0.01), Stream(_WORDS, delay_s=0.3))
+
+    def blocking() -> tuple[str, str, TurnStatus, TurnStatus]:
+        with ChatClient(replicas.addresses[0]) as producer, ChatClient(replicas.addresses[1]) as other:
+            reply = producer.chat_reply("first")
+            watched = "".join(
+                e.text_delta.text for e in other.watch_turn(reply.turn) if e.HasField("text_delta")
+            )
+            ended = other.cancel_turn(reply.turn)  # idempotent on an ended turn
+            stream = producer.chat("second", conversation=reply.conversation)
+            started = next(stream)
+            cancelled = other.cancel_turn(started.started.turn)
+            stream.close()
+            return reply.text, watched, ended, cancelled
+
+    text, watched, ended, cancelled = await asyncio.to_thread(blocking)
+    assert text == watched == _REPLY
+    assert ended is TurnStatus.COMPLETED
+    assert cancelled is TurnStatus.CANCELLED

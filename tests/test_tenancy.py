@@ -183,3 +183,40 @@ async def test_relay_entries_and_context_cache_carry_the_owner_and_a_foreign_cac
     prompt = json.dumps(fake.requests[-1].body)
     assert "B's secret" not in prompt
     assert "first" in prompt
+
+
+async def test_another_owners_turn_cannot_be_watched_cancelled_or_followed(
+    owners: Owners, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    fake.script(Stream(["A's private reply"]))
+    reply = await owners.a.chat_reply("A's private question")
+    missing_turn = f"conversations/{uuid.uuid4()}/turns/{uuid.uuid4()}"
+    missing_conversation = f"conversations/{uuid.uuid4()}"
+
+    async def watch(name: str) -> None:
+        async for _ in owners.b.watch_turn(name):
+            pass
+
+    async def follow(name: str) -> None:
+        async for _ in owners.b.watch_conversation(name, timeout=timedelta(seconds=5)):
+            pass
+
+    pairs = {
+        "WatchTurn": (lambda: watch(reply.turn), lambda: watch(missing_turn)),
+        "CancelTurn": (lambda: owners.b.cancel_turn(reply.turn), lambda: owners.b.cancel_turn(missing_turn)),
+        "WatchConversation": (lambda: follow(reply.conversation), lambda: follow(missing_conversation)),
+    }
+    for rpc, (foreign_call, missing_call) in pairs.items():
+        foreign = await _failure(foreign_call)
+        missing = await _failure(missing_call)
+        assert foreign.code == grpc.StatusCode.NOT_FOUND, rpc
+        assert (foreign.code, foreign.message, foreign.reason, foreign.domain, foreign.metadata) == (
+            missing.code,
+            missing.message,
+            missing.reason,
+            missing.domain,
+            missing.metadata,
+        ), rpc
+        assert_clean_error(foreign, forbidden=[_id(reply.turn), _id(reply.conversation), "tenant-a"])
+    # B's cancel changed nothing.
+    assert await db.fetchval("SELECT status FROM chat.turns") == "COMPLETED"

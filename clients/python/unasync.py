@@ -52,6 +52,7 @@ LINE_RULES: Final = (
     ("async for", "for"),
     ("await ", ""),
     ("__aenter__", "__enter__"),
+    ("__aiter__", "__iter__"),
     ("__aexit__", "__exit__"),
     ("aclosing", "closing"),
     ("aclose", "close"),
@@ -103,17 +104,27 @@ def unasync(source: str) -> str:
 
 
 def ruff_format(code: str, path: Path) -> str:
-    """`code` as `ruff format` lays it out under the project's configuration for `path`."""
+    """`code` with its imports sorted and laid out by `ruff` under the project's configuration.
+
+    Sorting is needed because a renamed import (`asyncio` -> `time`) can move in the order.
+    """
+    sorted_code = _ruff(
+        ["check", "--fix", "--select", "I", "--quiet", "--stdin-filename", str(path), "-"], code
+    )
+    return _ruff(["format", "--stdin-filename", str(path), "-"], sorted_code)
+
+
+def _ruff(args: list[str], code: str) -> str:
     # ruff has no Python API; the command line is fixed, with only our own path in it.
     result = subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "ruff", "format", "--stdin-filename", str(path), "-"],
+        [sys.executable, "-m", "ruff", *args],
         input=code,
         capture_output=True,
         text=True,
         check=False,
     )
     if result.returncode != 0:
-        raise SystemExit(f"unasync: ruff format failed:\n{result.stderr}")
+        raise SystemExit(f"unasync: ruff {args[0]} failed:\n{result.stdout}{result.stderr}")
     return result.stdout
 
 

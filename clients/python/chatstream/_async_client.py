@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Protocol, Self, TypeVar
 
 import grpc
 
@@ -24,18 +25,31 @@ from chatstream._common import (
     ClientState,
     Deadline,
     ReplyBuilder,
+    ResumePoint,
     RetryPolicy,
     call_metadata,
     channel_options,
     chat_request,
-    chat_retry_delay_s,
     check_enter,
     check_open,
     new_request_id,
+    resume_delay_s,
     seconds,
 )
+from chatstream._enums import TurnStatus
 from chatstream._errors import ChatClientError
 from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class _ResponseStream(Protocol):
+    """A server-streaming call as this client uses it: its responses, and a way to stop it."""
+
+    def cancel(self) -> bool: ...
+
+    def __aiter__(self) -> AsyncIterator[chat_service_pb2.ChatResponse]: ...
+
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -174,62 +188,159 @@ class AsyncChatClient:
         conversation: str = "",
         request_id: str | None = None,
         timeout: timedelta | None = None,
+        resume: bool = True,
     ) -> AsyncGenerator[chat_service_pb2.TurnEvent, None]:
         """Sends one user message and yields the events of the assistant's reply.
 
         The events are one `started`, zero or more `text_delta`, then `completed`. If the
         call fails with UNAVAILABLE before the first event it is retried per the client's
-        `RetryPolicy` with the same `request_id`, so the model never runs twice; once an
-        event has been yielded, a failure is raised as is.
+        `RetryPolicy` with the same `request_id`, so the model never runs twice. If the
+        connection drops or the server goes away mid-reply, the client resumes the turn
+        with `WatchTurn` after the last event it saw, on whichever server answers: the
+        caller sees one unbroken stream, nothing missing and nothing repeated.
 
-        Leaving the loop early cancels the call, and the server records the turn as
-        cancelled. A `break` cancels it when the generator is collected; wrap the call in
+        Leaving the loop early cancels the turn, and the server records it as cancelled.
+        A `break` cancels it when the generator is collected; wrap the call in
         `contextlib.aclosing` to cancel at once.
 
         Args:
             text: The user's message.
             conversation: `conversations/{conversation}` to continue; "" starts a new one.
             request_id: Idempotency key; a new UUID4 by default. Pass the same key to resume
-                a call that failed: a completed turn is replayed, not regenerated.
+                a call that failed: a turn still streaming is attached to, an ended one is
+                replayed, neither is regenerated.
             timeout: Deadline of the whole call, retries included; None uses `chat_timeout`.
+            resume: Resume after a dropped connection (the server keeps producing the turn
+                meanwhile). False ties the turn to this one connection, as before.
 
         Yields:
             Each `TurnEvent` as it arrives.
 
         Raises:
-            ChatClientError: The call failed (after retries, where they apply).
+            ChatClientError: The call failed (after retries and resumes, where they apply).
         """
         # Typed AsyncGenerator rather than AsyncIterator so that callers may `aclose()` it:
         # the call holds a server-side turn open between events.
         check_open(self._state)
-        request = chat_request(text, conversation=conversation, request_id=request_id)
+        request = chat_request(text, conversation=conversation, request_id=request_id, resume=resume)
         deadline = Deadline.after(seconds(timeout, self._chat_timeout))
+        events = self._follow(request, ResumePoint(), deadline, resume=resume)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def watch_turn(
+        self, turn: str, *, after_seq: int = 0, after_offset: int = 0, timeout: timedelta | None = None
+    ) -> AsyncGenerator[chat_service_pb2.TurnEvent, None]:
+        """Yields a turn's events after `after_seq` (and `after_offset` characters), then follows it live.
+
+        Works on any server, while the turn streams and after it ended. Resumes by itself
+        after a dropped connection, like `chat`. Leaving the loop does not stop the turn.
+
+        Args:
+            turn: `conversations/{conversation}/turns/{turn}`, as in `TurnStarted.turn`.
+            after_seq: The `seq` of the last event already received; 0 for all of them.
+            after_offset: How much of the reply was already received, in characters.
+            timeout: Deadline of the whole watch; None uses `chat_timeout`.
+
+        Raises:
+            ChatClientError: NOT_FOUND for a turn that does not exist or is someone else's.
+        """
+        check_open(self._state)
+        deadline = Deadline.after(seconds(timeout, self._chat_timeout))
+        position = ResumePoint(turn, seq=after_seq, offset=after_offset)
+        events = self._follow(None, position, deadline, resume=False)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def watch_conversation(
+        self, conversation: str, *, timeout: timedelta | None = None
+    ) -> AsyncGenerator[chat_service_pb2.TurnEvent, None]:
+        """Yields the events of each new turn of `conversation` as it happens, until the loop ends.
+
+        Args:
+            conversation: `conversations/{conversation}`.
+            timeout: Deadline of the whole watch; None for none.
+
+        Raises:
+            ChatClientError: NOT_FOUND for a conversation that does not exist or is someone else's.
+        """
+        check_open(self._state)
+        request = chat_service_pb2.WatchConversationRequest(conversation=conversation)
+        call = self._stub.WatchConversation(request, timeout=seconds(timeout, None), metadata=self._metadata)
+        try:
+            async for response in call:
+                yield response.event
+        except grpc.aio.AioRpcError as rpc_error:
+            raise ChatClientError.from_rpc_error(rpc_error) from rpc_error
+        finally:
+            call.cancel()
+
+    async def cancel_turn(self, turn: str, *, timeout: timedelta | None = None) -> TurnStatus:
+        """Ends a streaming turn CANCELLED, on whichever server produces it; returns its final status.
+
+        Idempotent: an ended turn's status is returned and nothing changes.
+        """
+        request = chat_service_pb2.CancelTurnRequest(turn=turn)
+        response = await self._unary(self._stub.CancelTurn, request, timeout)
+        return TurnStatus(response.status)
+
+    async def _follow(
+        self,
+        request: chat_service_pb2.ChatRequest | None,
+        position: ResumePoint,
+        deadline: Deadline,
+        *,
+        resume: bool,
+    ) -> AsyncGenerator[chat_service_pb2.TurnEvent, None]:
+        """The one loop of `chat` and `watch_turn`: Chat until the turn is known, then WatchTurn."""
         attempt = 0
-        while True:
-            attempt += 1
-            call = self._stub.Chat(request, timeout=deadline.remaining_s(), metadata=self._metadata)
-            received = 0
-            try:
-                async for response in call:
-                    received += 1
-                    yield response.event
-                return
-            except grpc.aio.AioRpcError as rpc_error:
-                error = ChatClientError.from_rpc_error(rpc_error)
-                delay_s = chat_retry_delay_s(
-                    self._retry_policy,
-                    attempt=attempt,
-                    events_received=received,
-                    error=error,
-                    deadline=deadline,
-                )
-                if delay_s is None:
-                    raise error from rpc_error
-            finally:
-                # A no-op once the call has ended; otherwise the consumer left early (aclose,
-                # break, its own exception or cancellation) and the server should stop the turn.
-                call.cancel()
-            await asyncio.sleep(delay_s)
+        try:
+            while True:
+                attempt += 1
+                call: _ResponseStream
+                if request is not None and not position.turn:
+                    call = self._stub.Chat(request, timeout=deadline.remaining_s(), metadata=self._metadata)
+                else:
+                    call = self._stub.WatchTurn(
+                        position.watch_request(), timeout=deadline.remaining_s(), metadata=self._metadata
+                    )
+                try:
+                    async for response in call:
+                        if position.accept(response.event):
+                            yield response.event
+                    return
+                except grpc.aio.AioRpcError as rpc_error:
+                    error = ChatClientError.from_rpc_error(rpc_error)
+                    if request is not None and not resume and position.turn:
+                        raise error from rpc_error
+                    delay_s = resume_delay_s(
+                        self._retry_policy, attempt=attempt, position=position, error=error, deadline=deadline
+                    )
+                    if delay_s is None:
+                        raise error from rpc_error
+                finally:
+                    # A no-op once the call has ended; otherwise the consumer left early (aclose,
+                    # break, its own exception or cancellation).
+                    call.cancel()
+                await asyncio.sleep(delay_s)
+        finally:
+            if resume and position.turn and not position.completed:
+                # The server keeps producing a resumable turn without its connection; the
+                # caller is gone for good, so stop the turn.
+                await self._cancel_quietly(position.turn)
+
+    async def _cancel_quietly(self, turn: str) -> None:
+        try:
+            await self.cancel_turn(turn, timeout=timedelta(seconds=5))
+        except (ChatClientError, RuntimeError) as err:
+            # Best effort: the turn still ends, at the latest after CHATSTREAM_MAX_TURN_S.
+            logger.debug("cancelling %s failed: %s", turn, err)
 
     async def chat_reply(
         self,
@@ -238,6 +349,7 @@ class AsyncChatClient:
         conversation: str = "",
         request_id: str | None = None,
         timeout: timedelta | None = None,
+        resume: bool = True,
     ) -> ChatReply:
         """Sends one user message and returns the whole reply once the turn has completed.
 
@@ -250,7 +362,9 @@ class AsyncChatClient:
             ChatClientError: The call failed, or the stream ended without a `completed` event.
         """
         builder = ReplyBuilder()
-        events = self.chat(text, conversation=conversation, request_id=request_id, timeout=timeout)
+        events = self.chat(
+            text, conversation=conversation, request_id=request_id, timeout=timeout, resume=resume
+        )
         try:
             async for event in events:
                 builder.add(event)

@@ -220,13 +220,77 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-def chat_request(text: str, *, conversation: str, request_id: str | None) -> chat_service_pb2.ChatRequest:
-    """The request of one `Chat` call; every retry of the call sends this same request."""
+def chat_request(
+    text: str, *, conversation: str, request_id: str | None, resume: bool
+) -> chat_service_pb2.ChatRequest:
+    """The request of one `Chat` call; every retry of the call sends this same request.
+
+    A resuming call asks the server to go on producing the turn if the connection drops
+    (`ON_DISCONNECT_CONTINUE`); the client cancels the turn itself if its caller leaves.
+    """
     return chat_service_pb2.ChatRequest(
         conversation=conversation,
         text=text,
         request_id=new_request_id() if request_id is None else request_id,
+        on_disconnect=(
+            chat_service_pb2.ON_DISCONNECT_CONTINUE if resume else chat_service_pb2.ON_DISCONNECT_CANCEL
+        ),
     )
+
+
+class ResumePoint:
+    """Where a stream of one turn is: its name, the last event's `seq`, and the text reached.
+
+    Everything a `WatchTurn` needs to go on from there, on whichever server answers.
+    """
+
+    __slots__ = ("completed", "offset", "seq", "turn")
+
+    def __init__(self, turn: str = "", *, seq: int = 0, offset: int = 0) -> None:
+        self.turn = turn
+        self.seq = seq
+        self.offset = offset
+        self.completed = False
+
+    def accept(self, event: chat_service_pb2.TurnEvent) -> bool:
+        """Takes the next event; False for one already seen (a resume may overlap)."""
+        if self.seq and event.seq <= self.seq:
+            return False
+        self.seq = event.seq
+        match event.WhichOneof("kind"):
+            case "started":
+                self.turn = event.started.turn
+            case "text_delta":
+                self.offset = event.text_delta.offset + len(event.text_delta.text)
+            case "completed":
+                self.completed = True
+            case None:
+                pass
+        return True
+
+    def watch_request(self) -> chat_service_pb2.WatchTurnRequest:
+        """The request that resumes the stream after the last event seen."""
+        return chat_service_pb2.WatchTurnRequest(turn=self.turn, after_seq=self.seq, after_offset=self.offset)
+
+
+def resume_delay_s(
+    policy: RetryPolicy, *, attempt: int, position: ResumePoint, error: ChatClientError, deadline: Deadline
+) -> float | None:
+    """How long to wait before going on with a stream that failed, or `None` to give up.
+
+    Before the turn is known, only `Chat`'s own retry rule applies. Once it is known, an
+    UNAVAILABLE (a dropped connection, a server gone) resumes the turn with `WatchTurn`
+    after the last event seen, on whichever server answers, up to `policy.max_attempts`.
+    """
+    if not position.turn:
+        return chat_retry_delay_s(policy, attempt=attempt, events_received=0, error=error, deadline=deadline)
+    if error.code is not grpc.StatusCode.UNAVAILABLE or attempt >= policy.max_attempts:
+        return None
+    delay_s = policy.backoff_s(attempt)
+    remaining_s = deadline.remaining_s()
+    if remaining_s is not None and delay_s >= remaining_s:
+        return None
+    return delay_s
 
 
 def channel_options(options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
