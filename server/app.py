@@ -151,9 +151,11 @@ class ChatServer:
         tracing_on = configure_tracing("chatstream-server")
         if tracing_on:
             self._stack.callback(shutdown_tracing)
-        # Credentials and TLS first: a misconfiguration fails before anything is opened.
+        # Credentials, TLS and the model first: a misconfiguration fails before anything is opened.
         verifier = CredentialVerifier(settings)
         credentials = tls.server_credentials(settings)
+        llm = LlmClient(settings)
+        self._stack.push_async_callback(llm.close)
         engine = create_engine(settings)
         self._stack.push_async_callback(engine.dispose)
         sessionmaker = create_sessionmaker(engine)
@@ -165,8 +167,6 @@ class ChatServer:
             # Serving without Redis is degraded, not broken: turns are still stored and
             # the relay publishes them once Redis is back.
             logger.warning("Redis is unreachable at start-up (%s); serving anyway", exc.__class__.__name__)
-        llm = LlmClient(settings)
-        self._stack.push_async_callback(llm.close)
 
         hot_pool = await create_pool(settings)
         self._stack.push_async_callback(hot_pool.close)
