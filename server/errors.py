@@ -51,6 +51,8 @@ class ChatError(Exception):
 
     default_reason: ClassVar[ErrorReason.ValueType] = ErrorReason.ERROR_REASON_INTERNAL
     """The reason when none is given; UNSPECIFIED means the raiser must name one."""
+    error_reason: ErrorReason.ValueType
+    """What went wrong, as the contract names it."""
 
     def __init__(
         self,
@@ -61,8 +63,7 @@ class ChatError(Exception):
     ):
         super().__init__(message)
         self.message = message
-        self.error_reason: ErrorReason.ValueType = self.default_reason if reason is None else reason
-        """What went wrong, as the contract names it."""
+        self.error_reason = self.default_reason if reason is None else reason
         if self.error_reason == ErrorReason.ERROR_REASON_UNSPECIFIED:
             raise TypeError(f"{type(self).__name__} needs a reason")
         self.metadata: dict[str, str] = dict(metadata or {})

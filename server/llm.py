@@ -245,7 +245,7 @@ def _sort(exc: Exception) -> ChatError:
             # The SDK itself failed; a TypeError is how it refuses to send a request
             # without a credential. Either way it says nothing about the upstream's stream.
             logger.error(
-                "the Anthropic SDK raised %s, not the upstream (a TypeError: it found no credential)",
+                "the Anthropic SDK raised %s (a TypeError means it has no credential to send)",
                 exc.__class__.__name__,
             )
             return InternalError("internal error")
