@@ -154,9 +154,11 @@ class ChatServer:
         tracing_on = configure_tracing("chatstream-server")
         if tracing_on:
             self._stack.callback(shutdown_tracing)
-        # Credentials and TLS first: a misconfiguration fails before anything is opened.
+        # Credentials, TLS and the model first: a misconfiguration fails before anything is opened.
         verifier = CredentialVerifier(settings)
         credentials = tls.server_credentials(settings)
+        llm = LlmClient(settings)
+        self._stack.push_async_callback(llm.close)
         database = Database.from_settings(settings)
         self._stack.push_async_callback(database.dispose)
         redis = create_redis(settings)
@@ -167,8 +169,6 @@ class ChatServer:
             # Serving without Redis is degraded, not broken: turns are still stored and
             # the relay publishes them once Redis is back.
             logger.warning("Redis is unreachable at start-up (%s); serving anyway", exc.__class__.__name__)
-        llm = LlmClient(settings)
-        self._stack.push_async_callback(llm.close)
 
         context = ContextStore(
             redis, database, max_turns=settings.context_max_turns, ttl_s=settings.context_cache_ttl_s

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.config import ApiKeyEntry, AuthMode, Settings, SettingsError
-from server.errors import InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
+from server.errors import ErrorReason, InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
@@ -123,7 +123,9 @@ class CurrentPrincipal:
         """The verified owner of the running call."""
         principal = _current_principal.get()
         if principal is None:
-            raise UnauthenticatedError("missing credentials", reason="CREDENTIALS_MISSING")
+            raise UnauthenticatedError(
+                "missing credentials", reason=ErrorReason.ERROR_REASON_CREDENTIALS_MISSING
+            )
         return principal.owner
 
 
@@ -273,13 +275,16 @@ class CredentialVerifier:
             principal = Principal(subject=subject, method=Method.MTLS, owner=subject)
             may_act_for_users = any(i in self._mtls_act_for_users for i in peer_identities)
         else:
-            raise UnauthenticatedError("missing credentials", reason="CREDENTIALS_MISSING")
+            raise UnauthenticatedError(
+                "missing credentials", reason=ErrorReason.ERROR_REASON_CREDENTIALS_MISSING
+            )
         user = _single_value(metadata, USER_HEADER)
         if user is None:
             return principal
         if not may_act_for_users:
             raise PermissionDeniedError(
-                "this credential may not act for users", reason="DELEGATION_NOT_ALLOWED"
+                "this credential may not act for users",
+                reason=ErrorReason.ERROR_REASON_DELEGATION_NOT_ALLOWED,
             )
         if _USER_ID.fullmatch(user) is None:
             raise InvalidArgumentError.for_field(USER_HEADER, "must be 1-128 characters of [A-Za-z0-9._@+-]")
@@ -294,7 +299,9 @@ class CredentialVerifier:
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token or len(token) > _MAX_TOKEN_CHARS:
-            raise UnauthenticatedError("malformed credentials", reason="CREDENTIALS_INVALID")
+            raise UnauthenticatedError(
+                "malformed credentials", reason=ErrorReason.ERROR_REASON_CREDENTIALS_INVALID
+            )
         entry = self._match_api_key(token)
         if entry is not None:
             principal = Principal(subject=entry.subject, method=Method.API_KEY, owner=entry.subject)
@@ -303,7 +310,7 @@ class CredentialVerifier:
             subject = self._verify_jwt(token)
             principal = Principal(subject=subject, method=Method.JWT, owner=subject)
             return principal, subject in self._jwt_act_for_users
-        raise UnauthenticatedError("invalid credentials", reason="CREDENTIALS_INVALID")
+        raise UnauthenticatedError("invalid credentials", reason=ErrorReason.ERROR_REASON_CREDENTIALS_INVALID)
 
     def _match_api_key(self, token: str) -> ApiKeyEntry | None:
         digest = hash_api_key(token)
@@ -316,7 +323,9 @@ class CredentialVerifier:
         return found
 
     def _verify_jwt(self, token: str) -> str:
-        invalid = UnauthenticatedError("invalid credentials", reason="CREDENTIALS_INVALID")
+        invalid = UnauthenticatedError(
+            "invalid credentials", reason=ErrorReason.ERROR_REASON_CREDENTIALS_INVALID
+        )
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -341,7 +350,9 @@ class CredentialVerifier:
                 options={"require": required, "verify_aud": self._jwt_audience is not None},
             )
         except jwt.ExpiredSignatureError:
-            raise UnauthenticatedError("credentials expired", reason="CREDENTIALS_EXPIRED") from None
+            raise UnauthenticatedError(
+                "credentials expired", reason=ErrorReason.ERROR_REASON_CREDENTIALS_EXPIRED
+            ) from None
         except (jwt.InvalidTokenError, ValueError, TypeError):
             # Malformed base64, JSON or key material surfaces as ValueError/TypeError in
             # places; all of it is just an invalid credential to the caller.
@@ -364,7 +375,9 @@ def _single_value(metadata: Iterable[tuple[str, str | bytes]], key: str) -> str 
     if len(values) > 1 or not isinstance(values[0], str):
         if key == USER_HEADER:
             raise InvalidArgumentError.for_field(USER_HEADER, "must be sent once, as text")
-        raise UnauthenticatedError("malformed credentials", reason="CREDENTIALS_INVALID")
+        raise UnauthenticatedError(
+            "malformed credentials", reason=ErrorReason.ERROR_REASON_CREDENTIALS_INVALID
+        )
     return values[0]
 
 

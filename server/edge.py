@@ -36,7 +36,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server.auth import CredentialVerifier, Principal, bind_principal, unbind_principal
-from server.errors import ChatError, InvalidArgumentError, ResourceExhaustedError, abort_on_error
+from server.errors import ChatError, ErrorReason, InvalidArgumentError, RequestTooLargeError
+from server.grpc_errors import abort_on_error
 from server.limits import StreamLimiter
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,9 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 raise
             _check_metadata_values(metadata)
             if request is _MALFORMED:
-                raise InvalidArgumentError("the request message is malformed", reason="MALFORMED_REQUEST")
+                raise InvalidArgumentError(
+                    "the request message is malformed", reason=ErrorReason.ERROR_REASON_MALFORMED_REQUEST
+                )
             return principal
         raise AssertionError("unreachable: abort_on_error aborts")
 
@@ -216,9 +219,9 @@ def _metadata(context: Context) -> Sequence[tuple[str, str | bytes]]:
 def _check_metadata_size(metadata: Sequence[tuple[str, str | bytes]], limit: int) -> None:
     size = sum(len(key) + len(value) + _HEADER_OVERHEAD for key, value in metadata)
     if size > limit:
-        raise ResourceExhaustedError(
+        raise RequestTooLargeError(
             "request metadata is too large",
-            reason="METADATA_TOO_LARGE",
+            reason=ErrorReason.ERROR_REASON_METADATA_TOO_LARGE,
             metadata={"limit": str(limit)},
         )
 
@@ -229,7 +232,7 @@ def _check_metadata_values(metadata: Sequence[tuple[str, str | bytes]]) -> None:
         if isinstance(value, str) and _TEXT_VALUE.fullmatch(value) is None:
             raise InvalidArgumentError(
                 "request metadata must be printable ASCII",
-                reason="INVALID_METADATA",
+                reason=ErrorReason.ERROR_REASON_INVALID_METADATA,
                 field_violations=[(key, "must be printable ASCII")],
                 metadata={"key": key},
             )

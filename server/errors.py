@@ -1,75 +1,90 @@
-"""Errors raised by use cases, and their translation into rich gRPC statuses.
+"""Errors raised by use cases: what went wrong, as a reason from the proto's ``ErrorReason``.
 
-Exception tree::
+These are domain values. How they travel (the gRPC status code of each reason, the
+``google.rpc`` details) is the gRPC layer's business: ``server/grpc_errors.py``.
+
+Exception tree, with the reasons each sends (``ErrorReason`` without its prefix)::
 
     ChatError
-    ├── InvalidArgumentError          INVALID_ARGUMENT  BadRequest field violations
-    │   └── IdempotencyKeyReusedError INVALID_ARGUMENT  request_id reused with another message
-    ├── UnauthenticatedError          UNAUTHENTICATED   CREDENTIALS_MISSING / _INVALID / _EXPIRED
-    ├── PermissionDeniedError         PERMISSION_DENIED DELEGATION_NOT_ALLOWED
-    ├── NotFoundError                 NOT_FOUND         CONVERSATION_NOT_FOUND
-    ├── AlreadyExistsError            ALREADY_EXISTS    CONVERSATION_EXISTS
-    ├── TurnInProgressError           ABORTED           TURN_IN_PROGRESS
-    ├── DeadlineExceededError         DEADLINE_EXCEEDED the call's deadline passed mid-turn
-    ├── RetryableError                                  RetryInfo (when to try again)
-    │   ├── ResourceExhaustedError    RESOURCE_EXHAUSTED TOO_MANY_STREAMS
-    │   └── UnavailableError          UNAVAILABLE
-    │       ├── UpstreamUnavailableError  the model is overloaded, rate limited or unreachable
-    │       └── StorageUnavailableError   PostgreSQL or Redis is unreachable
-    └── InternalError                 INTERNAL          generic message, details only in logs
+    ├── InvalidArgumentError          INVALID_ARGUMENT (field violations), MALFORMED_REQUEST, INVALID_METADATA
+    │   └── IdempotencyKeyReusedError IDEMPOTENCY_KEY_REUSED
+    ├── RequestTooLargeError          METADATA_TOO_LARGE
+    ├── UnauthenticatedError          CREDENTIALS_MISSING / _INVALID / _EXPIRED (no default: say which)
+    ├── PermissionDeniedError         DELEGATION_NOT_ALLOWED
+    ├── NotFoundError                 CONVERSATION_NOT_FOUND
+    ├── AlreadyExistsError            CONVERSATION_EXISTS
+    ├── DeadlineExceededError         DEADLINE_EXCEEDED: the call's deadline passed mid-turn
+    ├── RetryableError                a transient refusal; ``retry_after`` says when to try again
+    │   ├── TurnInProgressError       TURN_IN_PROGRESS
+    │   ├── ResourceExhaustedError    TOO_MANY_STREAMS
+    │   └── UnavailableError
+    │       ├── UpstreamUnavailableError  UPSTREAM_UNAVAILABLE: the model is overloaded or unreachable
+    │       └── StorageUnavailableError   STORAGE_UNAVAILABLE: PostgreSQL or Redis is unreachable
+    └── InternalError                 INTERNAL: generic message, details only in logs
 
-Only this module, ``servicer.py`` and ``edge.py`` (the interceptor) know about gRPC.
+A reason is an ``ErrorReason`` value of the generated proto module, never a string typed
+here, so the server can send only reasons the contract lists.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Final
 
 import asyncpg.exceptions
-import grpc
 import redis.exceptions
 import sqlalchemy.exc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from chatstream.v1.chat_service_pb2 import ErrorReason
 
-from server.constants import ERROR_DOMAIN
+REASON_PREFIX: Final = "ERROR_REASON_"
+"""What the proto's enum values carry and ``ErrorInfo.reason`` does not (buf's enum naming rule)."""
 
-logger = logging.getLogger(__name__)
 
-RequestT = TypeVar("RequestT")
-ResponseT = TypeVar("ResponseT")
+def reason_name(reason: ErrorReason.ValueType) -> str:
+    """The ``ErrorInfo.reason`` string of an ``ErrorReason`` value: its name without the prefix."""
+    return ErrorReason.Name(reason).removeprefix(REASON_PREFIX)
 
 
 class ChatError(Exception):
-    """Root of the errors a caller may see; each maps to one gRPC status code."""
+    """Root of the errors a caller may see; each carries one ``ErrorReason``."""
 
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
-    default_reason: ClassVar[str] = "INTERNAL"
+    default_reason: ClassVar[ErrorReason.ValueType] = ErrorReason.ERROR_REASON_INTERNAL
+    """The reason when none is given; UNSPECIFIED means the raiser must name one."""
+    error_reason: ErrorReason.ValueType
+    """What went wrong, as the contract names it."""
 
-    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: ErrorReason.ValueType | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
-        self.reason = reason or self.default_reason
+        self.error_reason = self.default_reason if reason is None else reason
+        if self.error_reason == ErrorReason.ERROR_REASON_UNSPECIFIED:
+            raise TypeError(f"{type(self).__name__} needs a reason")
         self.metadata: dict[str, str] = dict(metadata or {})
+
+    @property
+    def reason(self) -> str:
+        """The reason as ``ErrorInfo.reason`` spells it, e.g. ``CONVERSATION_NOT_FOUND``."""
+        return reason_name(self.error_reason)
 
 
 class InvalidArgumentError(ChatError):
     """A request field is malformed; raised before any side effect."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "INVALID_ARGUMENT"
+    default_reason = ErrorReason.ERROR_REASON_INVALID_ARGUMENT
 
     def __init__(
         self,
         message: str,
         *,
         field_violations: Sequence[tuple[str, str]] = (),
-        reason: str | None = None,
+        reason: ErrorReason.ValueType | None = None,
         metadata: Mapping[str, str] | None = None,
     ):
         super().__init__(message, reason=reason, metadata=metadata)
@@ -86,123 +101,95 @@ class InvalidArgumentError(ChatError):
 class IdempotencyKeyReusedError(InvalidArgumentError):
     """The request_id was already used for a different message."""
 
-    default_reason = "IDEMPOTENCY_KEY_REUSED"
+    default_reason = ErrorReason.ERROR_REASON_IDEMPOTENCY_KEY_REUSED
+
+
+class RequestTooLargeError(ChatError):
+    """A part of the request is over a size limit; only a smaller request can succeed."""
+
+    default_reason = ErrorReason.ERROR_REASON_METADATA_TOO_LARGE
 
 
 class UnauthenticatedError(ChatError):
-    """No valid credential."""
+    """No valid credential; the raiser says which way it is not (missing, invalid, expired)."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
-    default_reason = "UNAUTHENTICATED"
+    default_reason = ErrorReason.ERROR_REASON_UNSPECIFIED
 
 
 class PermissionDeniedError(ChatError):
     """A valid credential asked for something it is not allowed to do (act for a user)."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
-    default_reason = "PERMISSION_DENIED"
+    default_reason = ErrorReason.ERROR_REASON_DELEGATION_NOT_ALLOWED
+
+
+class NotFoundError(ChatError):
+    """The conversation does not exist, or belongs to someone else (indistinguishable)."""
+
+    default_reason = ErrorReason.ERROR_REASON_CONVERSATION_NOT_FOUND
+
+
+class AlreadyExistsError(ChatError):
+    """A conversation with that id exists."""
+
+    default_reason = ErrorReason.ERROR_REASON_CONVERSATION_EXISTS
+
+
+class DeadlineExceededError(ChatError):
+    """The call's deadline passed; whatever the turn produced is stored as CANCELLED."""
+
+    default_reason = ErrorReason.ERROR_REASON_DEADLINE_EXCEEDED
 
 
 class RetryableError(ChatError):
-    """A transient refusal: the status carries RetryInfo telling when to try again."""
+    """A transient refusal: the caller may try again after ``retry_after`` (sent as RetryInfo)."""
+
+    default_reason = ErrorReason.ERROR_REASON_UNSPECIFIED
 
     def __init__(
         self,
         message: str,
         *,
         retry_after: timedelta = timedelta(seconds=1),
-        reason: str | None = None,
+        reason: ErrorReason.ValueType | None = None,
         metadata: Mapping[str, str] | None = None,
     ):
         super().__init__(message, reason=reason, metadata=metadata)
         self.retry_after = retry_after
 
 
+class TurnInProgressError(RetryableError):
+    """Another turn of the conversation (or the same request_id) is still streaming.
+
+    Retryable: a conversation streams one turn at a time, and the other turn ends.
+    """
+
+    default_reason = ErrorReason.ERROR_REASON_TURN_IN_PROGRESS
+
+
 class ResourceExhaustedError(RetryableError):
     """A concurrency limit is reached; the caller may retry after ``retry_after``."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RESOURCE_EXHAUSTED"
-
-
-class NotFoundError(ChatError):
-    """The conversation does not exist, or belongs to someone else (indistinguishable)."""
-
-    code = grpc.StatusCode.NOT_FOUND
-    default_reason = "CONVERSATION_NOT_FOUND"
-
-
-class AlreadyExistsError(ChatError):
-    """A conversation with that id exists."""
-
-    code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "CONVERSATION_EXISTS"
-
-
-class TurnInProgressError(ChatError):
-    """Another turn of the conversation (or the same request_id) is still streaming."""
-
-    code = grpc.StatusCode.ABORTED
-    default_reason = "TURN_IN_PROGRESS"
-
-
-class DeadlineExceededError(ChatError):
-    """The call's deadline passed; whatever the turn produced is stored as CANCELLED."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_reason = "DEADLINE_EXCEEDED"
+    default_reason = ErrorReason.ERROR_REASON_TOO_MANY_STREAMS
 
 
 class UnavailableError(RetryableError):
     """A dependency is temporarily unavailable; the caller may retry after ``retry_after``."""
 
-    code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "UNAVAILABLE"
-
 
 class UpstreamUnavailableError(UnavailableError):
     """The model is overloaded, rate limited, timed out or unreachable."""
 
-    default_reason = "UPSTREAM_UNAVAILABLE"
+    default_reason = ErrorReason.ERROR_REASON_UPSTREAM_UNAVAILABLE
 
 
 class StorageUnavailableError(UnavailableError):
     """PostgreSQL or Redis could not be reached."""
 
-    default_reason = "STORAGE_UNAVAILABLE"
+    default_reason = ErrorReason.ERROR_REASON_STORAGE_UNAVAILABLE
 
 
 class InternalError(ChatError):
     """Our bug or misconfiguration (e.g. the model rejected our request); details stay in the logs."""
-
-
-def to_status(err: ChatError) -> status_pb2.Status:
-    """Builds the rich status: ErrorInfo always, BadRequest and RetryInfo where they apply."""
-    details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
-    details.append(_pack(info))
-    if isinstance(err, InvalidArgumentError) and err.field_violations:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in err.field_violations
-            ]
-        )
-        details.append(_pack(bad_request))
-    if isinstance(err, RetryableError):
-        delay = duration_pb2.Duration()
-        delay.FromTimedelta(err.retry_after)
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    code_value: int = err.code.value[0]
-    return status_pb2.Status(code=code_value, message=err.message, details=details)
-
-
-def _pack(
-    message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo,
-) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
 
 
 def classify(exc: BaseException) -> ChatError:
@@ -252,36 +239,18 @@ def is_database_outage(exc: BaseException) -> bool:
     return False
 
 
-@contextlib.asynccontextmanager
-async def abort_on_error(context: grpc.aio.ServicerContext[RequestT, ResponseT]) -> AsyncIterator[None]:
-    """Aborts the call with a rich status for any error raised inside the block.
-
-    ``grpc.aio.AbortError`` (an abort already under way) and ``asyncio.CancelledError``
-    (the call is gone) pass through untouched.
-    """
-    try:
-        yield
-    except grpc.aio.AbortError:
-        raise
-    except Exception as exc:
-        err = classify(exc)
-        if isinstance(err, InternalError) and err is not exc:
-            logger.exception("unexpected error in RPC")
-        elif isinstance(err, InternalError | UnavailableError):
-            logger.warning("RPC failed: %s (%s)", err.reason, exc.__class__.__name__)
-        status = rpc_status.to_status(to_status(err))
-        await context.abort(status.code, status.details, status.trailing_metadata)
-
-
 __all__ = [
+    "REASON_PREFIX",
     "AlreadyExistsError",
     "ChatError",
     "DeadlineExceededError",
+    "ErrorReason",
     "IdempotencyKeyReusedError",
     "InternalError",
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "RequestTooLargeError",
     "ResourceExhaustedError",
     "RetryableError",
     "StorageUnavailableError",
@@ -289,8 +258,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UpstreamUnavailableError",
-    "abort_on_error",
     "classify",
     "is_database_outage",
-    "to_status",
+    "reason_name",
 ]

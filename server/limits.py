@@ -6,7 +6,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Iterator
 
-from server.errors import ResourceExhaustedError
+from server.errors import ErrorReason, ResourceExhaustedError
 
 
 class StreamLimiter:
@@ -40,13 +40,13 @@ class StreamLimiter:
         if self._total >= self._max_streams:
             raise ResourceExhaustedError(
                 "the server is handling too many streams; retry shortly",
-                reason="TOO_MANY_STREAMS",
+                reason=ErrorReason.ERROR_REASON_TOO_MANY_STREAMS,
                 metadata={"scope": "server", "limit": str(self._max_streams)},
             )
         if self._per_owner[owner] >= self._max_per_owner:
             raise ResourceExhaustedError(
                 "too many concurrent streams for this owner; retry when one ends",
-                reason="TOO_MANY_STREAMS",
+                reason=ErrorReason.ERROR_REASON_TOO_MANY_STREAMS,
                 metadata={"scope": "owner", "limit": str(self._max_per_owner)},
             )
         self._total += 1

@@ -10,12 +10,14 @@ import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from types import TracebackType
+from typing import Final, cast
 
 import anthropic
 import httpx2
 from anthropic.types import MessageParam
 
-from server.config import Settings
+from server.config import Settings, SettingsError
 from server.domain import Exchange, Usage
 from server.errors import ChatError, InternalError, UpstreamUnavailableError
 
@@ -23,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 # Mid-stream `event: error` types that mean "try again later" (§2.3, §9).
 _TRANSIENT_STREAM_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error"})
+
+NO_MODEL_MESSAGE: Final = (
+    "no way to reach a model: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN), "
+    "or ANTHROPIC_BASE_URL to a gateway that adds the credential itself"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,23 +69,58 @@ def build_messages(history: Sequence[Exchange], text: str) -> list[MessageParam]
     return messages
 
 
+def check_model_reachable(settings: Settings) -> None:
+    """Raises SettingsError(NO_MODEL_MESSAGE) where ``LlmClient(settings)`` would; opens nothing.
+
+    For a process that checks settings before it starts servers of its own (``serve --workers``).
+    """
+    with anthropic.Anthropic(
+        api_key=settings.anthropic_api_key, base_url=settings.anthropic_base_url
+    ) as client:
+        if not _has_credential(client) and settings.anthropic_base_url is None:
+            raise SettingsError(NO_MODEL_MESSAGE)
+
+
+def _has_credential(client: anthropic.Anthropic | anthropic.AsyncAnthropic) -> bool:
+    """Whether the SDK resolved a credential: from its arguments, its env vars or its credential files."""
+    return bool(client.api_key or client.auth_token) or client.credentials is not None
+
+
 class LlmClient:
     """Streams replies from the Messages API with the configured model and limits."""
 
     def __init__(
         self, settings: Settings, *, base_url: str | None = None, api_key: str | None = None
     ) -> None:
+        """Configures the SDK client; no request is sent.
+
+        Raises:
+            SettingsError: there is no way to reach a model: the SDK found no credential
+                (``ANTHROPIC_API_KEY``, ``ANTHROPIC_AUTH_TOKEN`` or its credential files)
+                and no ``ANTHROPIC_BASE_URL`` is set. Without this check the server would
+                start and fail every turn.
+        """
         self._model = settings.model
         self._max_tokens = settings.max_tokens
         self._system = settings.system_prompt
+        base_url = base_url or settings.anthropic_base_url
         self._client = anthropic.AsyncAnthropic(
             api_key=api_key or settings.anthropic_api_key,
-            base_url=base_url or settings.anthropic_base_url,
+            base_url=base_url,
             max_retries=settings.llm_max_retries,
             # The read timeout is the longest silence allowed mid-stream; the SDK's
             # default (10 minutes) would pin a turn that long on a stalled upstream.
             timeout=httpx2.Timeout(settings.llm_timeout_s, connect=5.0),
         )
+        if not _has_credential(self._client):
+            if base_url is None:
+                raise SettingsError(NO_MODEL_MESSAGE)
+            # A gateway at the base URL that adds the credential itself. The SDK refuses to
+            # send a request without one (TypeError) unless the header is explicitly
+            # omitted; its header layers take `omit` at run time, though typed as str.
+            self._client = self._client.with_options(
+                default_headers=cast("Mapping[str, str]", {"Authorization": anthropic.omit})
+            )
 
     @property
     def model(self) -> str:
@@ -207,11 +249,29 @@ def _sort(exc: Exception) -> ChatError:
             "the model is temporarily unavailable", metadata={"cause": "connection"}
         )
     if isinstance(exc, KeyError | TypeError | ValueError):
+        if _raised_in_sdk(exc.__traceback__):
+            # The SDK itself failed; a TypeError is how it refuses to send a request
+            # without a credential. Either way it says nothing about the upstream's stream.
+            logger.error(
+                "the Anthropic SDK raised %s (a TypeError means it has no credential to send)",
+                exc.__class__.__name__,
+            )
+            return InternalError("internal error")
         # Our parser met an event without the fields the protocol promises, or bad JSON.
         logger.error("upstream sent a malformed stream: %s", exc.__class__.__name__)
         return InternalError("internal error")
     logger.error("unexpected upstream failure: %s", exc.__class__.__name__)
     return InternalError("internal error")
+
+
+def _raised_in_sdk(traceback: TracebackType | None) -> bool:
+    """Whether a frame of the ``anthropic`` package raised (or passed on) the exception."""
+    while traceback is not None:
+        module = traceback.tb_frame.f_globals.get("__name__", "")
+        if module == "anthropic" or module.startswith("anthropic."):
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _retry_after(response: httpx2.Response) -> timedelta:

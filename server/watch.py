@@ -24,7 +24,7 @@ from server import live
 from server.db import repository, turn_store
 from server.db.engine import Database
 from server.domain import Sequenced, TextDelta, Turn, TurnCompleted, TurnStarted
-from server.errors import NotFoundError
+from server.errors import ErrorReason, NotFoundError
 from server.leases import interrupt_expired
 from server.publisher import TurnPublisher
 
@@ -115,7 +115,7 @@ class TurnWatcher:
         async with self._database.autocommit("find turn") as conn:
             turn = await turn_store.find_turn(conn, owner=owner, turn_id=turn_id)
         if turn is None:
-            raise NotFoundError("turn not found", reason="TURN_NOT_FOUND")
+            raise NotFoundError("turn not found", reason=ErrorReason.ERROR_REASON_TURN_NOT_FOUND)
         return turn
 
     async def _reload(self, turn: Turn) -> Turn:
@@ -134,7 +134,7 @@ class TurnWatcher:
         async with self._database.autocommit("find turn") as conn:
             found = await turn_store.find_turn(conn, owner=turn.owner, turn_id=turn.id)
         if found is None:
-            raise NotFoundError("turn not found", reason="TURN_NOT_FOUND")
+            raise NotFoundError("turn not found", reason=ErrorReason.ERROR_REASON_TURN_NOT_FOUND)
         return found
 
     async def _until_ended(self, turn: Turn) -> Turn:

@@ -109,9 +109,11 @@ def check_settings(settings: Settings, *, workers: int) -> None:
 
     from server import tls
     from server.auth import CredentialVerifier
+    from server.llm import check_model_reachable
 
     CredentialVerifier(settings)
     tls.server_credentials(settings)
+    check_model_reachable(settings)
 
 
 def metrics_listen(base: str, index: int) -> str:

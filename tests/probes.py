@@ -10,8 +10,11 @@ import asyncpg
 import grpc
 import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, ChatClientError
+from chatstream.v1.chat_service_pb2 import ErrorReason
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.errors import REASON_PREFIX
+from server.grpc_errors import STATUS_CODES
 from tests.conftest import stream_lengths
 from tests.fake_anthropic import FakeAnthropic
 
@@ -65,6 +68,9 @@ def assert_clean_error(err: ChatClientError, *, forbidden: Iterable[str] = ()) -
     """I10: a status, our ErrorInfo, and nothing internal or belonging to someone else."""
     assert err.reason, f"no ErrorInfo in {err!r}"
     assert err.domain == "chatstream.v1.ChatService"
+    # The proto's ErrorReason lists every reason, each with one code (tests/test_error_reasons.py).
+    assert REASON_PREFIX + err.reason in set(ErrorReason.keys()), f"{err.reason} is not in ErrorReason"
+    assert STATUS_CODES[ErrorReason.Value(REASON_PREFIX + err.reason)] == err.code, err
     visible = " ".join([err.message, *err.metadata.keys(), *err.metadata.values()])
     visible += " ".join(f"{f} {d}" for f, d in err.field_violations)
     assert _LEAKS.search(visible) is None, visible

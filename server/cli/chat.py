@@ -19,7 +19,7 @@ import click
 import grpc
 from chatstream import ChatClient, ChatClientError, TurnCompleted, TurnStatus
 
-from server.cli.remote import Remote, conversation_name, describe, remote_options
+from server.cli.remote import ConversationName, Remote, describe, remote_options
 
 PROMPT: Final = "> "
 QUIT_COMMANDS: Final = frozenset({"/quit", "/exit"})
@@ -155,7 +155,6 @@ def _open_conversation(client: ChatClient, name: str | None) -> str:
     if name is None:
         # Created up front, so the name can be printed before the first message.
         return client.create_conversation().name
-    name = conversation_name(name)
     client.get_conversation(name)  # an unknown name fails now, not after the first message
     return name
 
@@ -164,6 +163,7 @@ def _open_conversation(client: ChatClient, name: str | None) -> str:
 @remote_options
 @click.option(
     "--conversation",
+    type=ConversationName(),
     metavar="NAME",
     default=None,
     help="Continue this conversation (conversations/ID, or just ID); default: a new one.",

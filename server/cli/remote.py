@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -99,13 +100,38 @@ def remote_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def describe(error: ChatClientError) -> str:
-    """One line for people: ``CODE REASON: message (field: problem)``."""
-    head = error.code.name + (f" {error.reason}" if error.reason else "")
-    text = f"{head}: {error.message or 'no message'}"
-    if error.field_violations:
-        text += " (" + "; ".join(f"{name}: {problem}" for name, problem in error.field_violations) + ")"
+    """One line for people: ``CODE REASON: message (field: problem)``, saying nothing twice.
+
+    The reason is left out where it only repeats the code (``INVALID_ARGUMENT``), and a field
+    violation where the message already says it.
+    """
+    head = error.code.name
+    if error.reason and error.reason != error.code.name:
+        head += f" {error.reason}"
+    message = error.message or "no message"
+    violations = [f"{name}: {problem}" for name, problem in error.field_violations]
+    unsaid = [violation for violation in violations if violation not in message]
+    text = f"{head}: {message}" + (" (" + "; ".join(unsaid) + ")" if unsaid else "")
     # gRPC's own connection errors can span lines; an error line must stay one line.
     return " ".join(text.split())
+
+
+class ConversationName(click.ParamType[str, object]):
+    """A conversation as the user may paste it, ``conversations/ID`` or just ``ID`` (a UUID).
+
+    Checked here, so that a bad value is reported against the option the user typed rather
+    than against the request field the server would name.
+    """
+
+    name = "conversation"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """``conversations/{uuid}``, or a usage error naming the option."""
+        text = str(value).strip()
+        try:
+            return CONVERSATION_PREFIX + str(uuid.UUID(text.removeprefix(CONVERSATION_PREFIX)))
+        except ValueError:
+            self.fail(f"{text!r} is not conversations/ID or ID, where ID is a UUID", param, ctx)
 
 
 def conversation_name(value: str) -> str:

@@ -110,6 +110,227 @@ watched or resumed with `WatchTurn`. Bounded by `CHATSTREAM_MAX_TURN_S`.
 """
 Global___OnDisconnect: _TypeAlias = OnDisconnect  # noqa: Y015
 
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    """Never sent."""
+    ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 1
+    """A request field is invalid: a malformed resource name, id or `request_id`; an
+    empty or too long `text`, or one with NUL characters; a negative `page_size`;
+    a `page_token` this service did not issue, or issued for other parameters; a
+    malformed or repeated `x-chatstream-user`.
+    Code INVALID_ARGUMENT, with `google.rpc.BadRequest` naming the field.
+    Metadata: `field`. Do not retry: correct the request.
+    """
+    ERROR_REASON_MALFORMED_REQUEST: _ErrorReason.ValueType  # 2
+    """The request message's bytes are not a valid encoding of the request type.
+    Code INVALID_ARGUMENT. Do not retry: the client sends broken messages.
+    """
+    ERROR_REASON_INVALID_METADATA: _ErrorReason.ValueType  # 3
+    """A text metadata value holds characters outside printable ASCII (CR and LF
+    included). Code INVALID_ARGUMENT, with `google.rpc.BadRequest` naming the key.
+    Metadata: `key`. Do not retry: correct the metadata.
+    """
+    ERROR_REASON_IDEMPOTENCY_KEY_REUSED: _ErrorReason.ValueType  # 4
+    """The `request_id` was already used by this owner for a different message
+    (`Chat`) or another conversation (`CreateConversation`).
+    Code INVALID_ARGUMENT, with `google.rpc.BadRequest` naming `request_id`.
+    Metadata: `field`. Do not retry with this `request_id`: use a new one.
+    """
+    ERROR_REASON_METADATA_TOO_LARGE: _ErrorReason.ValueType  # 5
+    """The call's metadata is larger than the server accepts (16 KiB by default).
+    Code RESOURCE_EXHAUSTED. Metadata: `limit` (bytes). Do not retry: send less
+    metadata.
+    """
+    ERROR_REASON_CREDENTIALS_MISSING: _ErrorReason.ValueType  # 6
+    """The call has no credential: no `authorization` metadata and no verified client
+    certificate. Code UNAUTHENTICATED. Do not retry without a credential.
+    """
+    ERROR_REASON_CREDENTIALS_INVALID: _ErrorReason.ValueType  # 7
+    """The credential is malformed, repeated, unknown, or does not verify (a JWT with
+    a bad signature, issuer, audience or subject). Code UNAUTHENTICATED.
+    Do not retry with this credential.
+    """
+    ERROR_REASON_CREDENTIALS_EXPIRED: _ErrorReason.ValueType  # 8
+    """The JWT has expired. Code UNAUTHENTICATED. Retry with a fresh token."""
+    ERROR_REASON_DELEGATION_NOT_ALLOWED: _ErrorReason.ValueType  # 9
+    """The call sent `x-chatstream-user`, but its credential may not act for users.
+    Code PERMISSION_DENIED. Do not retry: the operator must allow the credential.
+    """
+    ERROR_REASON_CONVERSATION_NOT_FOUND: _ErrorReason.ValueType  # 10
+    """The conversation does not exist, or belongs to another owner (the two look the
+    same). Code NOT_FOUND. No metadata: the name is not echoed. Do not retry.
+    """
+    ERROR_REASON_CONVERSATION_EXISTS: _ErrorReason.ValueType  # 11
+    """`CreateConversation` with a `conversation_id` that is taken.
+    Code ALREADY_EXISTS. Metadata: `conversation`. Do not retry: get that
+    conversation, or create one with another id.
+    """
+    ERROR_REASON_TURN_IN_PROGRESS: _ErrorReason.ValueType  # 12
+    """Another turn of the conversation is still streaming (one turn at a time per
+    conversation). Nothing was stored and the model was not called. (A `Chat`
+    retried with the `request_id` of a turn still streaming attaches to it instead.)
+    Code ABORTED, with `google.rpc.RetryInfo`. Metadata: `conversation`.
+    Retry after the delay, with the same `request_id`: once the other turn has
+    ended the call goes through.
+    """
+    ERROR_REASON_TOO_MANY_STREAMS: _ErrorReason.ValueType  # 13
+    """Too many concurrent `Chat` streams: the owner's limit (32 by default) or the
+    server's (1,000 by default) on this server process. Nothing was stored.
+    Code RESOURCE_EXHAUSTED, with `google.rpc.RetryInfo`. Metadata: `scope`
+    (`owner` or `server`), `limit`. Retry after the delay, with the same
+    `request_id`, or once one of the owner's streams has ended.
+    """
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 14
+    """The call's deadline passed while the server started the turn or streamed the
+    reply. A turn that had started is stored CANCELLED with what the model had
+    produced. Code DEADLINE_EXCEEDED. Retry with a longer deadline; see the note
+    above on `request_id`.
+    """
+    ERROR_REASON_UPSTREAM_UNAVAILABLE: _ErrorReason.ValueType  # 15
+    """The model is overloaded, rate limited, timed out or unreachable, or its reply
+    was cut off. A turn that had started is stored FAILED with its partial text.
+    Code UNAVAILABLE, with `google.rpc.RetryInfo` (the model's own hint when it
+    gave one). Metadata: `cause` (an HTTP status, an upstream error type,
+    `connection` or `truncated`). Retry after the delay; see the note above on
+    `request_id`.
+    """
+    ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 16
+    """PostgreSQL or Redis is unreachable. Code UNAVAILABLE, with
+    `google.rpc.RetryInfo`. Metadata: `dependency` (`postgresql` or `redis`).
+    Retry after the delay; see the note above on `request_id`.
+    """
+    ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 17
+    """A bug or a misconfiguration of the server (for example the model rejected its
+    request). The message is generic; the details are in the server's log. A turn
+    that had started is stored FAILED. Code INTERNAL. Do not retry automatically.
+    """
+    ERROR_REASON_TURN_NOT_FOUND: _ErrorReason.ValueType  # 18
+    """`WatchTurn` or `CancelTurn` named a turn that does not exist, or belongs to
+    another owner (the two look the same). Code NOT_FOUND. No metadata. Do not retry.
+    """
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """Why a call failed: the `reason` of the `google.rpc.ErrorInfo` that every error
+    of ChatService carries, with `domain` `chatstream.v1.ChatService`.
+
+    On the wire, `ErrorInfo.reason` is the value's name without the `ERROR_REASON_`
+    prefix: `ERROR_REASON_CONVERSATION_NOT_FOUND` is sent as "CONVERSATION_NOT_FOUND".
+    Each value says when it happens, the gRPC status code it comes with, the
+    `ErrorInfo.metadata` keys it sets, and whether and how to retry. Reasons may be
+    added: treat one you do not know by its status code.
+
+    A note on retrying `Chat`: a retry with the same `request_id` never runs the
+    model twice. It is the safe retry when the call failed before the `started`
+    event; once a turn has started, the same `request_id` attaches to it while it
+    streams and replays it as it was stored once it ended, failed or cancelled turns
+    included, so sending the message again means a new `request_id`. To go on after
+    a dropped connection mid-reply, `WatchTurn` from the last event seen.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+"""Never sent."""
+ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 1
+"""A request field is invalid: a malformed resource name, id or `request_id`; an
+empty or too long `text`, or one with NUL characters; a negative `page_size`;
+a `page_token` this service did not issue, or issued for other parameters; a
+malformed or repeated `x-chatstream-user`.
+Code INVALID_ARGUMENT, with `google.rpc.BadRequest` naming the field.
+Metadata: `field`. Do not retry: correct the request.
+"""
+ERROR_REASON_MALFORMED_REQUEST: ErrorReason.ValueType  # 2
+"""The request message's bytes are not a valid encoding of the request type.
+Code INVALID_ARGUMENT. Do not retry: the client sends broken messages.
+"""
+ERROR_REASON_INVALID_METADATA: ErrorReason.ValueType  # 3
+"""A text metadata value holds characters outside printable ASCII (CR and LF
+included). Code INVALID_ARGUMENT, with `google.rpc.BadRequest` naming the key.
+Metadata: `key`. Do not retry: correct the metadata.
+"""
+ERROR_REASON_IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 4
+"""The `request_id` was already used by this owner for a different message
+(`Chat`) or another conversation (`CreateConversation`).
+Code INVALID_ARGUMENT, with `google.rpc.BadRequest` naming `request_id`.
+Metadata: `field`. Do not retry with this `request_id`: use a new one.
+"""
+ERROR_REASON_METADATA_TOO_LARGE: ErrorReason.ValueType  # 5
+"""The call's metadata is larger than the server accepts (16 KiB by default).
+Code RESOURCE_EXHAUSTED. Metadata: `limit` (bytes). Do not retry: send less
+metadata.
+"""
+ERROR_REASON_CREDENTIALS_MISSING: ErrorReason.ValueType  # 6
+"""The call has no credential: no `authorization` metadata and no verified client
+certificate. Code UNAUTHENTICATED. Do not retry without a credential.
+"""
+ERROR_REASON_CREDENTIALS_INVALID: ErrorReason.ValueType  # 7
+"""The credential is malformed, repeated, unknown, or does not verify (a JWT with
+a bad signature, issuer, audience or subject). Code UNAUTHENTICATED.
+Do not retry with this credential.
+"""
+ERROR_REASON_CREDENTIALS_EXPIRED: ErrorReason.ValueType  # 8
+"""The JWT has expired. Code UNAUTHENTICATED. Retry with a fresh token."""
+ERROR_REASON_DELEGATION_NOT_ALLOWED: ErrorReason.ValueType  # 9
+"""The call sent `x-chatstream-user`, but its credential may not act for users.
+Code PERMISSION_DENIED. Do not retry: the operator must allow the credential.
+"""
+ERROR_REASON_CONVERSATION_NOT_FOUND: ErrorReason.ValueType  # 10
+"""The conversation does not exist, or belongs to another owner (the two look the
+same). Code NOT_FOUND. No metadata: the name is not echoed. Do not retry.
+"""
+ERROR_REASON_CONVERSATION_EXISTS: ErrorReason.ValueType  # 11
+"""`CreateConversation` with a `conversation_id` that is taken.
+Code ALREADY_EXISTS. Metadata: `conversation`. Do not retry: get that
+conversation, or create one with another id.
+"""
+ERROR_REASON_TURN_IN_PROGRESS: ErrorReason.ValueType  # 12
+"""Another turn of the conversation is still streaming (one turn at a time per
+conversation). Nothing was stored and the model was not called. (A `Chat`
+retried with the `request_id` of a turn still streaming attaches to it instead.)
+Code ABORTED, with `google.rpc.RetryInfo`. Metadata: `conversation`.
+Retry after the delay, with the same `request_id`: once the other turn has
+ended the call goes through.
+"""
+ERROR_REASON_TOO_MANY_STREAMS: ErrorReason.ValueType  # 13
+"""Too many concurrent `Chat` streams: the owner's limit (32 by default) or the
+server's (1,000 by default) on this server process. Nothing was stored.
+Code RESOURCE_EXHAUSTED, with `google.rpc.RetryInfo`. Metadata: `scope`
+(`owner` or `server`), `limit`. Retry after the delay, with the same
+`request_id`, or once one of the owner's streams has ended.
+"""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 14
+"""The call's deadline passed while the server started the turn or streamed the
+reply. A turn that had started is stored CANCELLED with what the model had
+produced. Code DEADLINE_EXCEEDED. Retry with a longer deadline; see the note
+above on `request_id`.
+"""
+ERROR_REASON_UPSTREAM_UNAVAILABLE: ErrorReason.ValueType  # 15
+"""The model is overloaded, rate limited, timed out or unreachable, or its reply
+was cut off. A turn that had started is stored FAILED with its partial text.
+Code UNAVAILABLE, with `google.rpc.RetryInfo` (the model's own hint when it
+gave one). Metadata: `cause` (an HTTP status, an upstream error type,
+`connection` or `truncated`). Retry after the delay; see the note above on
+`request_id`.
+"""
+ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 16
+"""PostgreSQL or Redis is unreachable. Code UNAVAILABLE, with
+`google.rpc.RetryInfo`. Metadata: `dependency` (`postgresql` or `redis`).
+Retry after the delay; see the note above on `request_id`.
+"""
+ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 17
+"""A bug or a misconfiguration of the server (for example the model rejected its
+request). The message is generic; the details are in the server's log. A turn
+that had started is stored FAILED. Code INTERNAL. Do not retry automatically.
+"""
+ERROR_REASON_TURN_NOT_FOUND: ErrorReason.ValueType  # 18
+"""`WatchTurn` or `CancelTurn` named a turn that does not exist, or belongs to
+another owner (the two look the same). Code NOT_FOUND. No metadata. Do not retry.
+"""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
 @_typing.final
 class Conversation(_message.Message):
     """A chat session: an ordered series of turns that share context."""

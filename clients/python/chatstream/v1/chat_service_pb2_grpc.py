@@ -28,12 +28,52 @@ if _version_not_supported:
 class ChatServiceStub:
     """ChatService streams model replies and manages the conversations they belong to.
 
-    Every RPC is scoped to the authenticated caller (the owner): another owner's
-    conversation is indistinguishable from one that does not exist.
+    Authentication. Every call carries one credential; only health
+    (`grpc.health.v1.Health`) and reflection answer without one.
+    - Metadata `authorization: Bearer <api key or JWT>`. API keys are issued by the
+    operator. A JWT must carry `exp` and `sub`; its `sub` is the owner.
+    - Or, on a server that requires client certificates (mTLS) and with no
+    `authorization` metadata, the verified client certificate: its identity
+    (first URI or DNS SAN, else CN) is the owner.
+    A missing, malformed, unknown or expired credential is UNAUTHENTICATED, before
+    anything else happens.
 
-    Errors carry a gRPC status code plus `google.rpc.ErrorInfo` (domain
-    `chatstream.v1.ChatService`) in the rich status details; invalid fields also
-    carry `google.rpc.BadRequest`, and retryable failures `google.rpc.RetryInfo`.
+    Acting for an end user. A service whose credential the operator allowed to act
+    for users sends `x-chatstream-user: <user id>` (1 to 128 characters of
+    `[A-Za-z0-9._@+-]`). The call then belongs to the owner `user:<user id>`: one
+    namespace shared by every service acting for that user, and apart from each
+    service's own data. Other credentials get PERMISSION_DENIED.
+
+    Ownership. Every RPC is scoped to the call's owner: another owner's conversation
+    is indistinguishable from one that does not exist (NOT_FOUND).
+
+    One turn at a time. A conversation streams one turn at a time: a `Chat` on a
+    conversation whose previous turn is still streaming fails with ABORTED
+    (`TURN_IN_PROGRESS`, with `RetryInfo`) before the model is called or anything is
+    stored. Follow or stop a turn from anywhere with `WatchTurn` and `CancelTurn`.
+
+    Limits. Defaults, which the operator may change; all are counted per server
+    process, so behind N replicas an owner may hold up to N times the stream limit.
+    - At most 32 concurrent `Chat` streams per owner and 1,000 per server
+    (RESOURCE_EXHAUSTED, `TOO_MANY_STREAMS`, with `RetryInfo`). Unary calls are
+    not counted.
+    - A request message of at most 1 MiB and call metadata of at most 16 KiB
+    (RESOURCE_EXHAUSTED).
+    - `ChatRequest.text` of at most 32,768 characters (INVALID_ARGUMENT).
+    - Pages of at most 1,000 items (larger `page_size`s are lowered).
+
+    Errors. Every error is a gRPC status code whose rich details (the
+    `google.rpc.Status` in the `grpc-status-details-bin` trailer) hold messages of
+    `google/rpc/error_details.proto`:
+    - `google.rpc.ErrorInfo`, always: `domain` is `chatstream.v1.ChatService`,
+    `reason` is an `ErrorReason` value's name without its `ERROR_REASON_` prefix
+    (`CONVERSATION_NOT_FOUND`), and `metadata` holds the dynamic parts of the
+    message. `ErrorReason` lists every reason, its code and whether to retry.
+    - `google.rpc.BadRequest`, naming the fields of an INVALID_ARGUMENT.
+    - `google.rpc.RetryInfo`, on errors worth retrying: how long to wait first.
+    A status without `ErrorInfo` comes from the gRPC library, not from the service:
+    a deadline or cancellation on the client's side, an unreachable server, or a
+    request message over the size limit.
     """
 
     def __init__(self, channel):
@@ -92,12 +132,52 @@ class ChatServiceStub:
 class ChatServiceServicer:
     """ChatService streams model replies and manages the conversations they belong to.
 
-    Every RPC is scoped to the authenticated caller (the owner): another owner's
-    conversation is indistinguishable from one that does not exist.
+    Authentication. Every call carries one credential; only health
+    (`grpc.health.v1.Health`) and reflection answer without one.
+    - Metadata `authorization: Bearer <api key or JWT>`. API keys are issued by the
+    operator. A JWT must carry `exp` and `sub`; its `sub` is the owner.
+    - Or, on a server that requires client certificates (mTLS) and with no
+    `authorization` metadata, the verified client certificate: its identity
+    (first URI or DNS SAN, else CN) is the owner.
+    A missing, malformed, unknown or expired credential is UNAUTHENTICATED, before
+    anything else happens.
 
-    Errors carry a gRPC status code plus `google.rpc.ErrorInfo` (domain
-    `chatstream.v1.ChatService`) in the rich status details; invalid fields also
-    carry `google.rpc.BadRequest`, and retryable failures `google.rpc.RetryInfo`.
+    Acting for an end user. A service whose credential the operator allowed to act
+    for users sends `x-chatstream-user: <user id>` (1 to 128 characters of
+    `[A-Za-z0-9._@+-]`). The call then belongs to the owner `user:<user id>`: one
+    namespace shared by every service acting for that user, and apart from each
+    service's own data. Other credentials get PERMISSION_DENIED.
+
+    Ownership. Every RPC is scoped to the call's owner: another owner's conversation
+    is indistinguishable from one that does not exist (NOT_FOUND).
+
+    One turn at a time. A conversation streams one turn at a time: a `Chat` on a
+    conversation whose previous turn is still streaming fails with ABORTED
+    (`TURN_IN_PROGRESS`, with `RetryInfo`) before the model is called or anything is
+    stored. Follow or stop a turn from anywhere with `WatchTurn` and `CancelTurn`.
+
+    Limits. Defaults, which the operator may change; all are counted per server
+    process, so behind N replicas an owner may hold up to N times the stream limit.
+    - At most 32 concurrent `Chat` streams per owner and 1,000 per server
+    (RESOURCE_EXHAUSTED, `TOO_MANY_STREAMS`, with `RetryInfo`). Unary calls are
+    not counted.
+    - A request message of at most 1 MiB and call metadata of at most 16 KiB
+    (RESOURCE_EXHAUSTED).
+    - `ChatRequest.text` of at most 32,768 characters (INVALID_ARGUMENT).
+    - Pages of at most 1,000 items (larger `page_size`s are lowered).
+
+    Errors. Every error is a gRPC status code whose rich details (the
+    `google.rpc.Status` in the `grpc-status-details-bin` trailer) hold messages of
+    `google/rpc/error_details.proto`:
+    - `google.rpc.ErrorInfo`, always: `domain` is `chatstream.v1.ChatService`,
+    `reason` is an `ErrorReason` value's name without its `ERROR_REASON_` prefix
+    (`CONVERSATION_NOT_FOUND`), and `metadata` holds the dynamic parts of the
+    message. `ErrorReason` lists every reason, its code and whether to retry.
+    - `google.rpc.BadRequest`, naming the fields of an INVALID_ARGUMENT.
+    - `google.rpc.RetryInfo`, on errors worth retrying: how long to wait first.
+    A status without `ErrorInfo` comes from the gRPC library, not from the service:
+    a deadline or cancellation on the client's side, an unreachable server, or a
+    request message over the size limit.
     """
 
     def Chat(self, request, context):
@@ -266,12 +346,52 @@ def add_ChatServiceServicer_to_server(servicer, server):
 class ChatService:
     """ChatService streams model replies and manages the conversations they belong to.
 
-    Every RPC is scoped to the authenticated caller (the owner): another owner's
-    conversation is indistinguishable from one that does not exist.
+    Authentication. Every call carries one credential; only health
+    (`grpc.health.v1.Health`) and reflection answer without one.
+    - Metadata `authorization: Bearer <api key or JWT>`. API keys are issued by the
+    operator. A JWT must carry `exp` and `sub`; its `sub` is the owner.
+    - Or, on a server that requires client certificates (mTLS) and with no
+    `authorization` metadata, the verified client certificate: its identity
+    (first URI or DNS SAN, else CN) is the owner.
+    A missing, malformed, unknown or expired credential is UNAUTHENTICATED, before
+    anything else happens.
 
-    Errors carry a gRPC status code plus `google.rpc.ErrorInfo` (domain
-    `chatstream.v1.ChatService`) in the rich status details; invalid fields also
-    carry `google.rpc.BadRequest`, and retryable failures `google.rpc.RetryInfo`.
+    Acting for an end user. A service whose credential the operator allowed to act
+    for users sends `x-chatstream-user: <user id>` (1 to 128 characters of
+    `[A-Za-z0-9._@+-]`). The call then belongs to the owner `user:<user id>`: one
+    namespace shared by every service acting for that user, and apart from each
+    service's own data. Other credentials get PERMISSION_DENIED.
+
+    Ownership. Every RPC is scoped to the call's owner: another owner's conversation
+    is indistinguishable from one that does not exist (NOT_FOUND).
+
+    One turn at a time. A conversation streams one turn at a time: a `Chat` on a
+    conversation whose previous turn is still streaming fails with ABORTED
+    (`TURN_IN_PROGRESS`, with `RetryInfo`) before the model is called or anything is
+    stored. Follow or stop a turn from anywhere with `WatchTurn` and `CancelTurn`.
+
+    Limits. Defaults, which the operator may change; all are counted per server
+    process, so behind N replicas an owner may hold up to N times the stream limit.
+    - At most 32 concurrent `Chat` streams per owner and 1,000 per server
+    (RESOURCE_EXHAUSTED, `TOO_MANY_STREAMS`, with `RetryInfo`). Unary calls are
+    not counted.
+    - A request message of at most 1 MiB and call metadata of at most 16 KiB
+    (RESOURCE_EXHAUSTED).
+    - `ChatRequest.text` of at most 32,768 characters (INVALID_ARGUMENT).
+    - Pages of at most 1,000 items (larger `page_size`s are lowered).
+
+    Errors. Every error is a gRPC status code whose rich details (the
+    `google.rpc.Status` in the `grpc-status-details-bin` trailer) hold messages of
+    `google/rpc/error_details.proto`:
+    - `google.rpc.ErrorInfo`, always: `domain` is `chatstream.v1.ChatService`,
+    `reason` is an `ErrorReason` value's name without its `ERROR_REASON_` prefix
+    (`CONVERSATION_NOT_FOUND`), and `metadata` holds the dynamic parts of the
+    message. `ErrorReason` lists every reason, its code and whether to retry.
+    - `google.rpc.BadRequest`, naming the fields of an INVALID_ARGUMENT.
+    - `google.rpc.RetryInfo`, on errors worth retrying: how long to wait first.
+    A status without `ErrorInfo` comes from the gRPC library, not from the service:
+    a deadline or cancellation on the client's side, an unreachable server, or a
+    request message over the size limit.
     """
 
     @staticmethod
