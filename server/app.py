@@ -8,7 +8,6 @@ import logging
 import signal
 
 import grpc
-import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +26,7 @@ from server.limits import StreamLimiter
 from server.llm import LlmClient
 from server.metrics import Metrics, serve_metrics
 from server.publisher import TurnPublisher
+from server.redis_client import check_redis_eviction_policy, create_redis
 from server.servicer import ChatServicer
 from server.tracing import TracingInterceptor, configure_tracing, shutdown_tracing
 from server.turns import TurnRunner
@@ -65,46 +65,6 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
         ("grpc.max_connection_age_grace_ms", 30_000),
     ]
-
-
-class RedisEvictionPolicyError(RuntimeError):
-    """Redis may evict keys, and with them unpersisted turns or the consumer group."""
-
-
-# Policies that evict any key, streams included. volatile-* policies only evict keys
-# with a TTL (the context cache), never the streams, so they are safe.
-_EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
-
-
-async def check_redis_eviction_policy(redis: aioredis.Redis) -> None:
-    """Refuses a Redis that may silently evict turn streams under memory pressure.
-
-    Managed services often forbid CONFIG; then the policy cannot be read and a
-    warning is logged instead of refusing to start.
-    """
-    try:
-        config = await redis.config_get("maxmemory-policy")
-    except redis_exceptions.ResponseError as exc:
-        logger.warning("cannot read Redis maxmemory-policy (%s); make sure it is noeviction", exc)
-        return
-    policy = next(iter(config.values()), "")
-    policy = policy.decode() if isinstance(policy, bytes) else str(policy)
-    if policy in _EVICTING_POLICIES:
-        raise RedisEvictionPolicyError(
-            f"Redis maxmemory-policy is {policy!r}, which can evict the chat:turns streams and lose "
-            "unpersisted turns; set it to 'noeviction' (or a volatile-* policy) and restart"
-        )
-
-
-def create_redis(settings: Settings) -> aioredis.Redis:
-    """The Redis client; short socket timeouts so an outage fails fast instead of hanging turns."""
-    return aioredis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        health_check_interval=30,
-        max_connections=256,
-    )
 
 
 class ChatServer:

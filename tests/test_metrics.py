@@ -16,13 +16,13 @@ from chatstream import AsyncChatClient, ChatClientError
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_redis
 from server.config import Settings
 from server.constants import DEAD_LETTER_STREAM
 from server.consumer.process import run_consumer
 from server.consumer.worker import PersistenceWorker
 from server.db.hot import HotPath, create_pool
 from server.metrics import Metrics
+from server.redis_client import create_redis
 from tests.conftest import StartServer, eventually
 from tests.fake_anthropic import Error, FakeAnthropic, Gate, Stream
 

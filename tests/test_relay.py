@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, ChatClientError, TurnStatus
 
-from server.app import ChatServer, RedisEvictionPolicyError, create_redis
+from server.app import ChatServer
 from server.config import Settings
 from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
 from server.consumer.process import run_consumer
@@ -27,6 +27,7 @@ from server.db.engine import create_engine, create_sessionmaker
 from server.db.hot import HotPath, create_pool
 from server.events import encode_turn
 from server.publisher import TurnPublisher, shard_for
+from server.redis_client import RedisEvictionPolicyError, create_redis
 from tests.conftest import Consume, StartServer, eventually, stream_entries, stream_lengths
 from tests.fake_anthropic import FakeAnthropic, Gate, Stream
 from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port

@@ -5,22 +5,27 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from server import constants
 from server.config import Settings, SettingsError
+from server.redis_client import create_redis
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RedisEnv:
     """What a Redis-only command reads from the environment."""
 
-    redis_url: str = field(repr=False)
-    """CHATSTREAM_REDIS_URL; may hold a password, so it is never printed."""
-    shards: int
-    """CHATSTREAM_SHARDS: how many ``chat:turns:{k}`` streams there are."""
+    settings: Settings
+    """CHATSTREAM_REDIS_URL and CHATSTREAM_SHARDS; every other field keeps its default, and
+    ``database_url`` is empty: these commands never open the database."""
+
+    @property
+    def shards(self) -> int:
+        """CHATSTREAM_SHARDS: how many ``chat:turns:{k}`` streams there are."""
+        return self.settings.shards
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RedisEnv:
@@ -36,7 +41,7 @@ class RedisEnv:
         redis_url = env.get(constants.ENV_REDIS_URL, "")
         if not redis_url:
             raise SettingsError(f"{constants.ENV_REDIS_URL} is not set (redis://host:6379/0)")
-        return cls(redis_url=redis_url, shards=_shards(env))
+        return cls(settings=Settings(database_url="", redis_url=redis_url, shards=_shards(env)))
 
 
 def _shards(env: Mapping[str, str]) -> int:
@@ -54,12 +59,8 @@ def _shards(env: Mapping[str, str]) -> int:
 
 @contextlib.asynccontextmanager
 async def open_redis(env: RedisEnv) -> AsyncIterator[aioredis.Redis]:
-    """A Redis client for one command, closed on exit.
-
-    The timeouts match `server.app.create_redis`, which is not reused because importing
-    `server.app` loads the Anthropic SDK and takes seconds.
-    """
-    client = aioredis.from_url(env.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    """The server's Redis client (`server.redis_client.create_redis`) for one command, closed on exit."""
+    client = create_redis(env.settings)
     try:
         yield client
     finally:

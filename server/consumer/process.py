@@ -10,7 +10,6 @@ from datetime import timedelta
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 
-from server.app import check_redis_eviction_policy, create_redis
 from server.config import Settings
 from server.consumer.lag import measure_lag
 from server.consumer.relay import Relay
@@ -19,6 +18,7 @@ from server.db.engine import create_engine, create_sessionmaker
 from server.db.hot import HotPath, create_pool
 from server.metrics import Metrics, serve_metrics
 from server.publisher import TurnPublisher
+from server.redis_client import check_redis_eviction_policy, create_redis
 from server.tracing import configure_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
