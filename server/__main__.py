@@ -18,7 +18,7 @@ import click
 
 from server import constants, runtime
 from server.config import Settings, SettingsError
-from server.workers import ENV_WORKER_INDEX, ENV_WORKERS, serve_workers
+from server.supervisor import ENV_WORKER_INDEX, ENV_WORKERS, serve_workers
 
 if TYPE_CHECKING:
     from server.cli.redisenv import RedisEnv

@@ -25,9 +25,9 @@ from server.consumer.relay import Relay
 from server.consumer.worker import PersistenceWorker
 from server.db.engine import create_engine, create_sessionmaker
 from server.db.hot import HotPath, create_pool
-from server.events import encode_turn
 from server.publisher import TurnPublisher, shard_for
 from server.redis_client import RedisEvictionPolicyError, create_redis
+from server.turn_codec import encode_turn
 from tests.conftest import Consume, StartServer, eventually, stream_entries, stream_lengths
 from tests.fake_anthropic import FakeAnthropic, Gate, Stream
 from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port

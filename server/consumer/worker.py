@@ -35,8 +35,8 @@ from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
 from server.db.hot import HotPath
 from server.domain import Turn
 from server.errors import is_database_outage
-from server.events import EventDecodeError, decode_turn, encode_turn
 from server.metrics import Metrics
+from server.turn_codec import EventDecodeError, decode_turn, encode_turn
 
 logger = logging.getLogger(__name__)
 
