@@ -18,6 +18,7 @@ import click
 
 from server import constants, runtime
 from server.config import Settings, SettingsError
+from server.devenv import dev_dir
 from server.supervisor import ENV_WORKER_INDEX, ENV_WORKERS, serve_workers
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def serve(workers: int) -> None:
         # apart. Bound before the loop starts, so every task of the loop inherits it.
         bind_log_fields(worker=worker_index)
     try:
-        runtime.run(ChatServer(_settings()).serve_until_signal())
+        runtime.run(runtime.serve_until_signal(ChatServer(_settings())))
     except SettingsError as exc:
         # Refusing to start without authentication (or with half a TLS setup) is a
         # configuration message for the operator, not a crash.
@@ -138,10 +139,11 @@ def _serve_workers(workers: int) -> None:
 @click.option("--burst", is_flag=True, help="Drain what is in the streams, then exit.")
 @click.option("--relay/--no-relay", default=True, help="Also run the outbox relay and lease sweeper.")
 def consume(burst: bool, relay: bool) -> None:
-    """Run the persistence consumer (group chat-persistence) and the relay."""
-    from server.consumer.process import run_consumer
+    """Run the persistence consumer (group chat-persistence) and the relay until SIGTERM/SIGINT."""
+    from server.consumer.process import ConsumerProcess
 
-    runtime.run(run_consumer(_settings(), burst=burst, relay=relay))
+    consumer = ConsumerProcess(_settings(), relay=relay)
+    runtime.run(consumer.drain() if burst else runtime.serve_until_signal(consumer))
 
 
 @cli.group()
@@ -199,12 +201,21 @@ def dlq_replay(ids: tuple[str, ...]) -> None:
     help="Data folder of embedded PostgreSQL and Redis (default: $CHATSTREAM_DEV_DIR or .chatstream/).",
 )
 def dev(listen: str | None, data_dir: Path | None) -> None:
-    """Run everything locally: embedded PostgreSQL and Redis, migrations, server and consumer."""
-    from server.dev import run_dev
+    """Run everything locally: embedded PostgreSQL and Redis, migrations, server and consumer.
+
+    What it started (database, Redis, gRPC address, API key) is printed and written to
+    DATA_DIR/env, which the other commands read when run from this folder.
+    """
+    from server.dev import DevServer
+    from server.embedded import EmbeddedServicesError
 
     listen = listen or os.environ.get(constants.ENV_LISTEN, "127.0.0.1:50051")
-    data_dir = data_dir or Path(os.environ.get(constants.ENV_DEV_DIR, ".chatstream"))
-    runtime.run(run_dev(data_dir=data_dir.resolve(), listen=listen))
+    dev_server = DevServer(data_dir=(data_dir or dev_dir()).resolve(), listen=listen)
+    try:
+        runtime.run(runtime.serve_until_signal(dev_server))
+    except EmbeddedServicesError as exc:
+        # Typically the embedded extra is not installed: one line that says what to do.
+        raise click.ClickException(str(exc)) from exc
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 
 import grpc
 import redis.exceptions as redis_exceptions
@@ -71,7 +70,8 @@ class ChatServer:
     """The ChatService gRPC server and everything it owns.
 
     ``start()`` acquires resources in an exit stack; ``stop()`` drains calls and then
-    closes them in reverse order: gRPC server, LLM client, Redis, engine.
+    closes them in reverse order: gRPC server, LLM client, Redis, engine. A
+    `server.runtime.Component`: ``runtime.serve_until_signal`` runs it until SIGTERM/SIGINT.
     """
 
     def __init__(
@@ -222,6 +222,7 @@ class ChatServer:
             return
         self._stopped.set()
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
+        logger.info("stopping: grace period %.1fs", grace)
         try:
             await self._health.enter_graceful_shutdown()
             if self._settings.shutdown_drain_s > 0:
@@ -240,19 +241,6 @@ class ChatServer:
     async def wait_stopped(self) -> None:
         """Returns once ``stop()`` has been called."""
         await self._stopped.wait()
-
-    async def serve_until_signal(self) -> None:
-        """Starts, serves until SIGTERM or SIGINT, then stops gracefully."""
-        await self.start()
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
-        try:
-            await stop_requested.wait()
-            logger.info("stopping: grace period %.1fs", self._settings.shutdown_grace_s)
-        finally:
-            await self.stop()
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import Settings
 from server.constants import DEAD_LETTER_STREAM
-from server.consumer.process import run_consumer
+from server.consumer.process import ConsumerProcess
 from server.consumer.worker import PersistenceWorker
 from server.db.hot import HotPath, create_pool
 from server.metrics import Metrics
@@ -137,8 +137,8 @@ async def test_consumer_process_keeps_lag_pending_and_dead_letter_gauges_current
     await client.chat_reply("lagging")
     await redis.xadd(DEAD_LETTER_STREAM, {"v": "1", "dlq_error": "planted"})
     metrics = Metrics()
-    stop = asyncio.Event()
-    consumer = asyncio.create_task(run_consumer(settings, stop=stop, metrics=metrics))
+    consumer = ConsumerProcess(settings, metrics=metrics)
+    await consumer.start()
     try:
 
         async def observed() -> bool:
@@ -154,8 +154,7 @@ async def test_consumer_process_keeps_lag_pending_and_dead_letter_gauges_current
 
         await eventually(observed, timeout_s=15, what="the consumer's gauges")
     finally:
-        stop.set()
-        await consumer
+        await consumer.stop()
     samples = _parse(generate_latest(metrics.registry).decode())
     assert {k[1] for k in samples if k[0] == "chatstream_consumer_lag_entries"} == {
         (("shard", str(k)),) for k in range(4)

@@ -20,7 +20,7 @@ from chatstream import AsyncChatClient, ChatClientError, TurnStatus
 from server.app import ChatServer
 from server.config import Settings
 from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
-from server.consumer.process import run_consumer
+from server.consumer.process import ConsumerProcess
 from server.consumer.relay import Relay
 from server.consumer.worker import PersistenceWorker
 from server.db.engine import create_engine, create_sessionmaker
@@ -345,7 +345,7 @@ async def test_server_and_consumer_refuse_a_redis_that_can_evict_streams(
             await server.start()
         await server.stop(grace_s=0)
         with pytest.raises(RedisEvictionPolicyError):
-            await run_consumer(settings, burst=True)
+            await ConsumerProcess(settings).drain()
     finally:
         await redis.config_set("maxmemory-policy", "noeviction")
 
