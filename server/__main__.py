@@ -1,18 +1,18 @@
-"""``chatstream`` / ``python -m server``: run the service (migrate, serve, consume, dev) and look at it.
+"""``chatstream`` / ``python -m server``: run the service (migrate, serve, consume, dev) and operate it.
 
-The looking commands (chat, conversations, lag, dlq) live in `server.cli`; the client ones need
-only a server address, the Redis ones only CHATSTREAM_REDIS_URL.
+The operator and client commands (chat, conversations, lag, dlq, new-key) live in `server.cli`;
+the client ones need only a server address, the Redis ones only CHATSTREAM_REDIS_URL, and both
+find a `chatstream dev` running for the working directory by themselves.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import click
 
@@ -20,9 +20,6 @@ from server import constants, runtime
 from server.config import Settings, SettingsError
 from server.devenv import dev_dir
 from server.supervisor import ENV_WORKER_INDEX, ENV_WORKERS, serve_workers
-
-if TYPE_CHECKING:
-    from server.cli.redisenv import RedisEnv
 
 logger = logging.getLogger("server")
 
@@ -45,21 +42,14 @@ def _settings() -> Settings:
         raise click.ClickException(str(exc)) from exc
 
 
-def _redis_env() -> RedisEnv:
-    from server.cli.redisenv import RedisEnv
-
-    try:
-        return RedisEnv.from_env()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
 # Commands whose module is imported only when they run (or when help lists them): `chat` should
 # not wait for Redis's client to import, nor `lag` for gRPC's.
 _LAZY_COMMANDS: Final = {
     "chat": "server.cli.chat:chat",
     "conversations": "server.cli.conversations:conversations",
+    "dlq": "server.cli.dlq:dlq",
     "lag": "server.cli.lag:lag",
+    "new-key": "server.cli.keys:new_key",
 }
 
 
@@ -144,52 +134,6 @@ def consume(burst: bool, relay: bool) -> None:
 
     consumer = ConsumerProcess(_settings(), relay=relay)
     runtime.run(consumer.drain() if burst else runtime.serve_until_signal(consumer))
-
-
-@cli.group()
-def dlq() -> None:
-    """Inspect and replay the dead-letter stream chat:turns:dlq."""
-
-
-@dlq.command("list")
-@click.option("--count", default=100, show_default=True, help="How many entries to show, oldest first.")
-def dlq_list(count: int) -> None:
-    """List dead-lettered entries with their errors."""
-    from server.cli.redisenv import open_redis
-    from server.consumer.dlq import list_dead_letters
-
-    async def show() -> None:
-        async with open_redis(_redis_env()) as redis:
-            letters = await list_dead_letters(redis, count=count)
-        for letter in letters:
-            click.echo(
-                f"{letter.id}  from {letter.source} {letter.source_entry_id}  "
-                f"turn={letter.turn_id or '-'}  error={letter.error}"
-            )
-        click.echo(f"{len(letters)} dead letter(s)")
-
-    asyncio.run(show())
-
-
-@dlq.command("replay")
-@click.argument("ids", nargs=-1)
-def dlq_replay(ids: tuple[str, ...]) -> None:
-    """Publish dead letters (all, or the given ids) to their shard again and remove them."""
-    from server.cli.progress import ProgressReporter
-    from server.cli.redisenv import open_redis
-    from server.consumer.dlq import replay_dead_letters
-    from server.publisher import TurnPublisher
-
-    async def replay() -> None:
-        env = _redis_env()
-        with ProgressReporter(label="replaying dead letters") as bar:
-            async with open_redis(env) as redis:
-                replayed, skipped = await replay_dead_letters(
-                    redis, TurnPublisher(redis, shards=env.shards), ids=ids, progress=bar.update
-                )
-        click.echo(f"replayed {replayed}, skipped {skipped} undecodable")
-
-    asyncio.run(replay())
 
 
 @cli.command()

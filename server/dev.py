@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from server.auth import hash_api_key, new_api_key
 from server.config import ApiKeyEntry, AuthMode, Settings
 from server.consumer.process import ConsumerProcess
 from server.db.migrate import upgrade_async
-from server.demo_model import DemoModelServer
+from server.demo_model import DEMO_MODEL, DemoModelServer
 from server.devenv import write_env_file
 from server.embedded import embedded_services
 
@@ -72,9 +73,9 @@ class DevServer:
         base_url = os.environ.get("ANTHROPIC_BASE_URL") or None
         demo = api_key is None
         if demo:
-            model = DemoModelServer()
-            base_url = await model.start()
-            self._stack.push_async_callback(model.close)
+            demo_server = DemoModelServer()
+            base_url = await demo_server.start()
+            self._stack.push_async_callback(demo_server.close)
             api_key = "demo"
         dev_key = dev_api_key(data_dir)
         settings = Settings(
@@ -90,6 +91,10 @@ class DevServer:
             consumer_name="dev-consumer",
             metrics_listen=os.environ.get("CHATSTREAM_METRICS_LISTEN", "127.0.0.1:0"),
         )
+        if demo:
+            # Asked for by its own name, so that every turn (its row, completed.model) names
+            # the model that answered rather than a Claude model that did not.
+            settings = dataclasses.replace(settings, model=DEMO_MODEL)
         server = ChatServer(settings)
         # The consumer starts first so that it stops last: turns the server records while
         # it stops are still read.
