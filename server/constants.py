@@ -9,7 +9,6 @@ TURNS_STREAM_PREFIX: Final = "chat:turns"
 DEAD_LETTER_STREAM: Final = "chat:turns:dlq"
 PERSISTENCE_GROUP: Final = "chat-persistence"
 CONTEXT_KEY_PREFIX: Final = "chat:ctx"
-LIVE_KEY_PREFIX: Final = "chat:live"
 
 ENV_DATABASE_URL: Final = "CHATSTREAM_DATABASE_URL"
 ENV_REDIS_URL: Final = "CHATSTREAM_REDIS_URL"
