@@ -154,12 +154,19 @@ def _stop_redis(socket_path: Path, process: subprocess.Popen[bytes] | None) -> N
     """Saves and shuts down Redis, waiting until it is gone."""
     try:
         with redis.Redis(unix_socket_path=str(socket_path), socket_timeout=_REDIS_STOP_TIMEOUT_S) as client:
-            client.shutdown(save=True)
+            client.ping()  # shutdown() takes a connection that fails for one that Redis closed
+            try:
+                client.shutdown(save=True)
+            except redis_exceptions.ResponseError as exc:
+                # Redis refuses to exit when its final save fails (a full disk, a data folder
+                # removed under it): what it holds cannot be kept, so stop it anyway.
+                logger.warning("Redis could not save before stopping (%s); stopping it without saving", exc)
+                client.shutdown(nosave=True)
     except redis_exceptions.RedisError as exc:
-        # Not running any more (someone stopped it), or it could not save: say so, then make sure.
+        # Unreachable (stopped by someone else, or its socket removed): say so, then make sure.
         logger.warning("Redis did not shut down cleanly (%s)", exc)
         if process is not None and process.poll() is None:
-            process.terminate()
+            process.kill()
     if process is not None:
         try:
             process.wait(timeout=_REDIS_STOP_TIMEOUT_S)
