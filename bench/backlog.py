@@ -3,7 +3,7 @@
 ``fill()`` writes N completed turns the way a server that ran while the consumer was down would have:
 conversation and turn rows in ``chat.conversations`` / ``chat.turns`` (COPY; the consumer only
 inserts messages of turns that exist) and one stream entry per turn, encoded by
-``server.events.encode_turn`` and sharded by ``server.publisher.shard_for``. Conversations have a few
+``server.turn_codec.encode_turn`` and sharded by ``server.publisher.shard_for``. Conversations have a few
 turns each, interleaved the way they arrive in production (turn 1 of every conversation, then turn
 2, ...), so one consumer batch touches about as many conversations as it has entries.
 
@@ -28,8 +28,8 @@ from bench.common import body_text, first_token
 from server.constants import turns_stream
 from server.db.repository import message_id
 from server.domain import Role, Turn, TurnStatus, Usage
-from server.events import encode_turn
 from server.publisher import shard_for
+from server.turn_codec import encode_turn
 
 OWNER = "bench-p5"
 MODEL = "bench-backlog"

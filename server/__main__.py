@@ -1,27 +1,25 @@
-"""``chatstream`` / ``python -m server``: run the service (migrate, serve, consume, dev) and look at it.
+"""``chatstream`` / ``python -m server``: run the service (migrate, serve, consume, dev) and operate it.
 
-The looking commands (chat, conversations, lag, dlq) live in `server.cli`; the client ones need
-only a server address, the Redis ones only CHATSTREAM_REDIS_URL.
+The operator and client commands (chat, conversations, lag, dlq, new-key) live in `server.cli`;
+the client ones need only a server address, the Redis ones only CHATSTREAM_REDIS_URL, and both
+find a `chatstream dev` running for the working directory by themselves.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import click
 
 from server import constants, runtime
 from server.config import Settings, SettingsError
-from server.workers import ENV_WORKER_INDEX, ENV_WORKERS, serve_workers
-
-if TYPE_CHECKING:
-    from server.cli.redisenv import RedisEnv
+from server.devenv import dev_dir
+from server.supervisor import ENV_WORKER_INDEX, ENV_WORKERS, serve_workers
 
 logger = logging.getLogger("server")
 
@@ -44,21 +42,14 @@ def _settings() -> Settings:
         raise click.ClickException(str(exc)) from exc
 
 
-def _redis_env() -> RedisEnv:
-    from server.cli.redisenv import RedisEnv
-
-    try:
-        return RedisEnv.from_env()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
 # Commands whose module is imported only when they run (or when help lists them): `chat` should
 # not wait for Redis's client to import, nor `lag` for gRPC's.
 _LAZY_COMMANDS: Final = {
     "chat": "server.cli.chat:chat",
     "conversations": "server.cli.conversations:conversations",
+    "dlq": "server.cli.dlq:dlq",
     "lag": "server.cli.lag:lag",
+    "new-key": "server.cli.keys:new_key",
 }
 
 
@@ -119,7 +110,7 @@ def serve(workers: int) -> None:
         # apart. Bound before the loop starts, so every task of the loop inherits it.
         bind_log_fields(worker=worker_index)
     try:
-        runtime.run(ChatServer(_settings()).serve_until_signal())
+        runtime.run(runtime.serve_until_signal(ChatServer(_settings())))
     except SettingsError as exc:
         # Refusing to start without authentication (or with half a TLS setup) is a
         # configuration message for the operator, not a crash.
@@ -138,56 +129,11 @@ def _serve_workers(workers: int) -> None:
 @click.option("--burst", is_flag=True, help="Drain what is in the streams, then exit.")
 @click.option("--relay/--no-relay", default=True, help="Also run the outbox relay and lease sweeper.")
 def consume(burst: bool, relay: bool) -> None:
-    """Run the persistence consumer (group chat-persistence) and the relay."""
-    from server.consumer.process import run_consumer
+    """Run the persistence consumer (group chat-persistence) and the relay until SIGTERM/SIGINT."""
+    from server.consumer.process import ConsumerProcess
 
-    runtime.run(run_consumer(_settings(), burst=burst, relay=relay))
-
-
-@cli.group()
-def dlq() -> None:
-    """Inspect and replay the dead-letter stream chat:turns:dlq."""
-
-
-@dlq.command("list")
-@click.option("--count", default=100, show_default=True, help="How many entries to show, oldest first.")
-def dlq_list(count: int) -> None:
-    """List dead-lettered entries with their errors."""
-    from server.cli.redisenv import open_redis
-    from server.consumer.dlq import list_dead_letters
-
-    async def show() -> None:
-        async with open_redis(_redis_env()) as redis:
-            letters = await list_dead_letters(redis, count=count)
-        for letter in letters:
-            click.echo(
-                f"{letter.id}  from {letter.source} {letter.source_entry_id}  "
-                f"turn={letter.turn_id or '-'}  error={letter.error}"
-            )
-        click.echo(f"{len(letters)} dead letter(s)")
-
-    asyncio.run(show())
-
-
-@dlq.command("replay")
-@click.argument("ids", nargs=-1)
-def dlq_replay(ids: tuple[str, ...]) -> None:
-    """Publish dead letters (all, or the given ids) to their shard again and remove them."""
-    from server.cli.progress import ProgressReporter
-    from server.cli.redisenv import open_redis
-    from server.consumer.dlq import replay_dead_letters
-    from server.publisher import TurnPublisher
-
-    async def replay() -> None:
-        env = _redis_env()
-        with ProgressReporter(label="replaying dead letters") as bar:
-            async with open_redis(env) as redis:
-                replayed, skipped = await replay_dead_letters(
-                    redis, TurnPublisher(redis, shards=env.shards), ids=ids, progress=bar.update
-                )
-        click.echo(f"replayed {replayed}, skipped {skipped} undecodable")
-
-    asyncio.run(replay())
+    consumer = ConsumerProcess(_settings(), relay=relay)
+    runtime.run(consumer.drain() if burst else runtime.serve_until_signal(consumer))
 
 
 @cli.command()
@@ -199,12 +145,21 @@ def dlq_replay(ids: tuple[str, ...]) -> None:
     help="Data folder of embedded PostgreSQL and Redis (default: $CHATSTREAM_DEV_DIR or .chatstream/).",
 )
 def dev(listen: str | None, data_dir: Path | None) -> None:
-    """Run everything locally: embedded PostgreSQL and Redis, migrations, server and consumer."""
-    from server.dev import run_dev
+    """Run everything locally: embedded PostgreSQL and Redis, migrations, server and consumer.
+
+    What it started (database, Redis, gRPC address, API key) is printed and written to
+    DATA_DIR/env, which the other commands read when run from this folder.
+    """
+    from server.dev import DevServer
+    from server.embedded import EmbeddedServicesError
 
     listen = listen or os.environ.get(constants.ENV_LISTEN, "127.0.0.1:50051")
-    data_dir = data_dir or Path(os.environ.get(constants.ENV_DEV_DIR, ".chatstream"))
-    runtime.run(run_dev(data_dir=data_dir.resolve(), listen=listen))
+    dev_server = DevServer(data_dir=(data_dir or dev_dir()).resolve(), listen=listen)
+    try:
+        runtime.run(runtime.serve_until_signal(dev_server))
+    except EmbeddedServicesError as exc:
+        # Typically the embedded extra is not installed: one line that says what to do.
+        raise click.ClickException(str(exc)) from exc
 
 
 def main() -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from datetime import timedelta
 
 import grpc
-import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +27,7 @@ from server.llm import LlmClient
 from server.metrics import Metrics, serve_metrics
 from server.production import Producer
 from server.publisher import TurnPublisher
+from server.redis_client import check_redis_eviction_policy, create_redis
 from server.servicer import ChatServicer
 from server.tracing import TracingInterceptor, configure_tracing, shutdown_tracing
 from server.turns import TurnRunner
@@ -70,51 +69,12 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-class RedisEvictionPolicyError(RuntimeError):
-    """Redis may evict keys, and with them unpersisted turns or the consumer group."""
-
-
-# Policies that evict any key, streams included. volatile-* policies only evict keys
-# with a TTL (the context cache), never the streams, so they are safe.
-_EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
-
-
-async def check_redis_eviction_policy(redis: aioredis.Redis) -> None:
-    """Refuses a Redis that may silently evict turn streams under memory pressure.
-
-    Managed services often forbid CONFIG; then the policy cannot be read and a
-    warning is logged instead of refusing to start.
-    """
-    try:
-        config = await redis.config_get("maxmemory-policy")
-    except redis_exceptions.ResponseError as exc:
-        logger.warning("cannot read Redis maxmemory-policy (%s); make sure it is noeviction", exc)
-        return
-    policy = next(iter(config.values()), "")
-    policy = policy.decode() if isinstance(policy, bytes) else str(policy)
-    if policy in _EVICTING_POLICIES:
-        raise RedisEvictionPolicyError(
-            f"Redis maxmemory-policy is {policy!r}, which can evict the chat:turns streams and lose "
-            "unpersisted turns; set it to 'noeviction' (or a volatile-* policy) and restart"
-        )
-
-
-def create_redis(settings: Settings) -> aioredis.Redis:
-    """The Redis client; short socket timeouts so an outage fails fast instead of hanging turns."""
-    return aioredis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        health_check_interval=30,
-        max_connections=256,
-    )
-
-
 class ChatServer:
     """The ChatService gRPC server and everything it owns.
 
     ``start()`` acquires resources in an exit stack; ``stop()`` drains calls and then
-    closes them in reverse order: gRPC server, LLM client, Redis, engine.
+    closes them in reverse order: gRPC server, LLM client, Redis, engine. A
+    `server.runtime.Component`: ``runtime.serve_until_signal`` runs it until SIGTERM/SIGINT.
     """
 
     def __init__(
@@ -282,6 +242,7 @@ class ChatServer:
             return
         self._stopped.set()
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
+        logger.info("stopping: grace period %.1fs", grace)
         try:
             await self._health.enter_graceful_shutdown()
             if self._settings.shutdown_drain_s > 0:
@@ -303,19 +264,6 @@ class ChatServer:
     async def wait_stopped(self) -> None:
         """Returns once ``stop()`` has been called."""
         await self._stopped.wait()
-
-    async def serve_until_signal(self) -> None:
-        """Starts, serves until SIGTERM or SIGINT, then stops gracefully."""
-        await self.start()
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
-        try:
-            await stop_requested.wait()
-            logger.info("stopping: grace period %.1fs", self._settings.shutdown_grace_s)
-        finally:
-            await self.stop()
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:

@@ -16,8 +16,8 @@ and its credential is explicitly allowed to act for users; then the owner is
 ``user:<id>``. The prefix keeps end users and services in separate namespaces, so a
 service acting for users can never reach a service's own data.
 
-``python -m server.auth new-key SUBJECT`` prints a new API key and the configuration
-entry (its hash) for ``CHATSTREAM_API_KEYS``.
+``chatstream new-key SUBJECT`` (`server.cli.keys`) prints a new API key and the
+configuration entry (its hash) for ``CHATSTREAM_API_KEYS``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,19 +378,3 @@ def _single_value(metadata: Iterable[tuple[str, str | bytes]], key: str) -> str 
             "malformed credentials", reason=ErrorReason.ERROR_REASON_CREDENTIALS_INVALID
         )
     return values[0]
-
-
-def _main(argv: Sequence[str]) -> int:
-    """``python -m server.auth new-key SUBJECT [--act-for-users]``."""
-    if len(argv) < 2 or argv[0] != "new-key" or not re.fullmatch(r"[A-Za-z0-9._@-]{1,128}", argv[1]):
-        print("usage: python -m server.auth new-key SUBJECT [--act-for-users]", file=sys.stderr)
-        return 2
-    key = new_api_key()
-    flag = ":act_for_users" if "--act-for-users" in argv[2:] else ""
-    print(f"API key (give it to the service; it is not stored anywhere): {key}")
-    print(f"CHATSTREAM_API_KEYS entry: {argv[1]}:{hash_api_key(key)}{flag}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

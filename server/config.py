@@ -358,7 +358,7 @@ def _api_keys(env: Mapping[str, str], name: str) -> tuple[ApiKeyEntry, ...]:
             # Never echo the entry: an operator may have pasted a key instead of its hash.
             raise SettingsError(
                 f"{name}: entry {len(entries) + 1} is not subject:sha256hex[:act_for_users] "
-                "(see python -m server.auth new-key)"
+                "(see chatstream new-key)"
             )
         entries.append(ApiKeyEntry(subject=match[1], sha256=match[2], act_for_users=match[3] is not None))
     return tuple(entries)

@@ -9,6 +9,7 @@ TURNS_STREAM_PREFIX: Final = "chat:turns"
 DEAD_LETTER_STREAM: Final = "chat:turns:dlq"
 PERSISTENCE_GROUP: Final = "chat-persistence"
 CONTEXT_KEY_PREFIX: Final = "chat:ctx"
+# Live turn events (server/live.py); one turn's keys share its hash tag.
 LIVE_KEY_PREFIX: Final = "chat:live"
 
 ENV_DATABASE_URL: Final = "CHATSTREAM_DATABASE_URL"

@@ -90,7 +90,11 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
-        """Returns the method's handler wrapped by the edge checks; public services pass through."""
+        """Returns the method's handler wrapped by the edge checks; public services pass through.
+
+        Only unary-request methods can be guarded; any other method of a protected service
+        gets no handler, so gRPC answers UNIMPLEMENTED.
+        """
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -101,7 +105,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler[RequestT, ResponseT], method: str
-    ) -> grpc.RpcMethodHandler[RequestT, ResponseT]:
+    ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         serializer = handler.response_serializer
         # grpc.aio accepts coroutine and async-generator behaviours, which the stubs
         # (typed for the sync server) do not describe; hence the casts to object.
@@ -129,33 +133,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 guarded_unary_stream, _tolerant(handler.request_deserializer), serializer
             )
-        # Request streams are authenticated like the rest; their messages are parsed
-        # lazily inside the handler, so gRPC's own decode-error handling applies.
-        if handler.stream_unary is not None:
-            stream_unary = cast(Callable[[object, Context], Awaitable[object]], handler.stream_unary)
-
-            async def guarded_stream_unary(requests: object, context: Context) -> object:
-                principal = await self._admit(None, context, method)
-                token = bind_principal(principal)
-                try:
-                    return await stream_unary(requests, context)
-                finally:
-                    unbind_principal(token)
-
-            return grpc.stream_unary_rpc_method_handler(
-                guarded_stream_unary, handler.request_deserializer, serializer
-            )
-        if handler.stream_stream is not None:
-            stream_stream = cast(Callable[[object, Context], object], handler.stream_stream)
-
-            async def guarded_stream_stream(requests: object, context: Context) -> None:
-                principal = await self._admit(None, context, method)
-                await self._stream(principal, context, lambda: stream_stream(requests, context))
-
-            return grpc.stream_stream_rpc_method_handler(
-                guarded_stream_stream, handler.request_deserializer, serializer
-            )
-        return handler
+        # ChatService has no request-streaming method, so there is no guard for one; such a
+        # method on a protected service is refused (UNIMPLEMENTED), never served unguarded.
+        logger.error("%s streams requests, which the edge cannot guard; refusing it", method)
+        return None
 
     async def _admit(self, request: object, context: Context, method: str) -> Principal:
         """The verified principal, or an abort: nothing of the call has run yet."""

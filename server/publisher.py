@@ -11,7 +11,7 @@ from redis.asyncio.client import Pipeline
 
 from server.constants import turns_stream
 from server.domain import Turn
-from server.events import encode_turn
+from server.turn_codec import encode_turn
 
 
 def shard_for(conversation_id: uuid.UUID, shards: int) -> int:

@@ -1,14 +1,38 @@
-"""How the long-running commands run their event loop."""
+"""How the long-running commands run: their event loop, and a component served until a stop signal."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, Final, Protocol, TypeVar
 
 import uvloop
 
+logger = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+"""What asks a long-running command to stop gracefully: the orchestrator's SIGTERM, a person's Ctrl-C."""
+
+
+class Component(Protocol):
+    """Something that runs in the background between ``start()`` and ``stop()``: a server, a consumer."""
+
+    async def start(self) -> None:
+        """Acquires what it needs and starts running; raises if it cannot."""
+
+    async def stop(self) -> None:
+        """Stops gracefully and releases everything; idempotent, and safe after a failed start.
+
+        Raises the error that ended the component, if one did.
+        """
+
+    async def wait_stopped(self) -> None:
+        """Returns once it has stopped: after ``stop()``, or by itself (failing)."""
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -21,3 +45,46 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+@contextlib.contextmanager
+def on_stop_signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
+    """Calls ``handler(sig)`` on the running loop for every SIGTERM or SIGINT while the block runs.
+
+    Every signal is passed on, repeats included: a handler may escalate on the second one.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, handler, sig)
+    try:
+        yield
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def serve_until_signal(component: Component) -> None:
+    """Starts ``component``, runs it until SIGTERM or SIGINT, then stops it gracefully.
+
+    The signals are caught from before the start, so one that arrives while the component
+    starts stops it once started rather than killing the process half-way. ``stop()`` runs
+    however this ends: after a signal, after a failed start (releasing what was acquired),
+    or after the component stopped by itself; the error that ended it is raised here.
+    """
+    requested = asyncio.Event()
+
+    def request_stop(sig: signal.Signals) -> None:
+        if not requested.is_set():
+            logger.info("stopping on %s", sig.name)
+        requested.set()
+
+    with on_stop_signals(request_stop):
+        try:
+            await component.start()
+            stopped = asyncio.create_task(component.wait_stopped(), name="component")
+            signalled = asyncio.create_task(requested.wait(), name="stop signal")
+            await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            signalled.cancel()
+        finally:
+            await component.stop()

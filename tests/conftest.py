@@ -21,13 +21,14 @@ import pytest
 import redis.asyncio as aioredis
 from chatstream import AsyncChatClient
 
-from server.app import ChatServer, create_redis
+from server.app import ChatServer
 from server.config import Settings
 from server.constants import turns_stream
 from server.consumer.worker import PersistenceWorker, WorkerStats
 from server.db.engine import Database
 from server.db.migrate import upgrade
 from server.embedded import embedded_services
+from server.redis_client import create_redis
 from tests.fake_anthropic import FakeAnthropic
 
 

@@ -29,7 +29,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from types import TracebackType
 from typing import Final, Literal, Self, TypeVar, assert_never
 
-from server.demo_model import (
+from server.anthropic_sse import (
     Connection,
     HttpRequest,
     JsonObject,

@@ -370,7 +370,7 @@ def test_api_key_entries_parse_and_a_pasted_key_is_never_echoed() -> None:
 
 async def test_new_key_tool_output_configures_a_working_key(start_server: StartServer) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server.auth", "new-key", "ops-tool"],
+        [sys.executable, "-m", "server", "new-key", "ops-tool"],
         capture_output=True,
         text=True,
         check=True,

@@ -136,9 +136,13 @@ async def test_lag_watch_prints_json_lines_until_ctrl_c(settings: Settings) -> N
     assert [json.loads(line)["group"] for line in lines] == [PERSISTENCE_GROUP] * 2
 
 
-async def test_lag_without_a_redis_url_says_which_variable_is_missing(settings: Settings) -> None:
+async def test_lag_without_a_redis_url_says_which_variable_is_missing(
+    settings: Settings, tmp_path: Path
+) -> None:
     env = _redis_only_env(settings)
     del env["CHATSTREAM_REDIS_URL"]
+    # No dev server either, whatever runs in the folder the tests run from.
+    env["CHATSTREAM_DEV_DIR"] = str(tmp_path)
 
     result = await run_cli("lag", env=env)
 

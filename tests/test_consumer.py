@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, Role
 
 from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
-from server.events import decode_turn
+from server.turn_codec import decode_turn
 from tests.conftest import Consume
 from tests.fake_anthropic import FakeAnthropic, Stream
 

@@ -12,13 +12,8 @@ import httpx2
 import pytest
 from anthropic.types import MessageParam, TextBlock
 
-from server.demo_model import (
-    DemoModelServer,
-    content_block_start_event,
-    demo_reply,
-    message_start_event,
-    sse_frame,
-)
+from server.anthropic_sse import content_block_start_event, message_start_event, sse_frame
+from server.demo_model import DEMO_MODEL, DemoModelServer, demo_reply
 from tests.fake_anthropic import Error, FakeAnthropic, Gate, Raw, StallBeforeHeaders, Stream
 
 MESSAGES: list[MessageParam] = [{"role": "user", "content": "hi"}]
@@ -294,7 +289,7 @@ async def test_demo_model_streams_a_reply_through_the_sdk(demo: DemoModelServer)
 
     async with (
         sdk(demo.url, api_key="any") as client,
-        client.messages.stream(model="demo", max_tokens=100, messages=messages) as stream,
+        client.messages.stream(model="claude-x", max_tokens=100, messages=messages) as stream,
     ):
         texts = [text async for text in stream.text_stream]
         final = await stream.get_final_message()
@@ -303,6 +298,8 @@ async def test_demo_model_streams_a_reply_through_the_sdk(demo: DemoModelServer)
     assert "".join(texts) == expected == demo_reply({"messages": messages})
     assert len(texts) > 1
     assert (final.stop_reason, final.usage.output_tokens) == ("end_turn", len(texts))
+    # Asked for Claude, the demo does not claim to be it.
+    assert final.model == DEMO_MODEL
 
 
 async def test_demo_model_rejects_what_it_does_not_serve(demo: DemoModelServer) -> None:

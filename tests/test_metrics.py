@@ -16,13 +16,13 @@ from chatstream import AsyncChatClient, ChatClientError
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_redis
 from server.config import Settings
 from server.constants import DEAD_LETTER_STREAM
-from server.consumer.process import run_consumer
+from server.consumer.process import ConsumerProcess
 from server.consumer.worker import PersistenceWorker
 from server.db.engine import Database
 from server.metrics import Metrics
+from server.redis_client import create_redis
 from tests.conftest import StartServer, eventually
 from tests.fake_anthropic import Error, FakeAnthropic, Gate, Stream
 
@@ -137,8 +137,8 @@ async def test_consumer_process_keeps_lag_pending_and_dead_letter_gauges_current
     await client.chat_reply("lagging")
     await redis.xadd(DEAD_LETTER_STREAM, {"v": "1", "dlq_error": "planted"})
     metrics = Metrics()
-    stop = asyncio.Event()
-    consumer = asyncio.create_task(run_consumer(settings, stop=stop, metrics=metrics))
+    consumer = ConsumerProcess(settings, metrics=metrics)
+    await consumer.start()
     try:
 
         async def observed() -> bool:
@@ -154,8 +154,7 @@ async def test_consumer_process_keeps_lag_pending_and_dead_letter_gauges_current
 
         await eventually(observed, timeout_s=15, what="the consumer's gauges")
     finally:
-        stop.set()
-        await consumer
+        await consumer.stop()
     samples = _parse(generate_latest(metrics.registry).decode())
     assert {k[1] for k in samples if k[0] == "chatstream_consumer_lag_entries"} == {
         (("shard", str(k)),) for k in range(4)

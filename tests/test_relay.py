@@ -17,16 +17,17 @@ import pytest
 import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, ChatClientError, TurnStatus
 
-from server.app import ChatServer, RedisEvictionPolicyError, create_redis
+from server.app import ChatServer
 from server.config import Settings
 from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
-from server.consumer.process import run_consumer
+from server.consumer.process import ConsumerProcess
 from server.consumer.relay import Relay
 from server.consumer.worker import PersistenceWorker
 from server.db.engine import Database
-from server.events import encode_turn
 from server.live import live_key
 from server.publisher import TurnPublisher, shard_for
+from server.redis_client import RedisEvictionPolicyError, create_redis
+from server.turn_codec import encode_turn
 from tests.conftest import Consume, StartServer, eventually, stream_entries, stream_lengths
 from tests.fake_anthropic import FakeAnthropic, Gate, Stream
 from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
@@ -358,7 +359,7 @@ async def test_server_and_consumer_refuse_a_redis_that_can_evict_streams(
             await server.start()
         await server.stop(grace_s=0)
         with pytest.raises(RedisEvictionPolicyError):
-            await run_consumer(settings, burst=True)
+            await ConsumerProcess(settings).drain()
     finally:
         await redis.config_set("maxmemory-policy", "noeviction")
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Sequence
 
 import click
-import redis.exceptions as redis_exceptions
 
-from server.cli.redisenv import RedisEnv, open_redis
-from server.config import SettingsError
+from server.cli.redisenv import RedisEnv, open_redis, redis_env
 from server.consumer.lag import LagReport, measure_lag
 
 
@@ -96,21 +95,15 @@ def format_table(report: LagReport) -> str:
 def lag(as_json: bool, watch: float | None) -> None:
     """Show how far the persistence consumer is behind on each chat:turns:{k} shard.
 
-    Needs only CHATSTREAM_REDIS_URL (and CHATSTREAM_SHARDS if not 4). Columns: entries not yet
-    delivered to the group chat-persistence, pending (delivered, not acknowledged), the age of
-    the oldest of each, and how long the oldest pending one has been idle.
+    Needs only CHATSTREAM_REDIS_URL (and CHATSTREAM_SHARDS if not 4); without it, the Redis of
+    the `chatstream dev` running for this folder. Columns: entries not yet delivered to the
+    group chat-persistence, pending (delivered, not acknowledged), the age of the oldest of
+    each, and how long the oldest pending one has been idle.
     """
-    try:
-        env = RedisEnv.from_env()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
+    env = redis_env()
+    # Ctrl-C is how --watch ends.
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run(env, as_json=as_json, watch_s=watch))
-    except KeyboardInterrupt:
-        # Ctrl-C is how --watch ends.
-        pass
-    except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
-        raise click.ClickException(f"cannot reach Redis at CHATSTREAM_REDIS_URL: {exc}") from exc
 
 
 async def _run(env: RedisEnv, *, as_json: bool, watch_s: float | None) -> None:

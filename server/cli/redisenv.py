@@ -1,30 +1,44 @@
-"""Redis for the commands that need nothing else (`lag`, `dlq`): its URL and shard count from the env."""
+"""Redis for the commands that need nothing else (`lag`, `dlq`): its URL and shard count from the env.
+
+When CHATSTREAM_REDIS_URL is not set, the Redis of the `chatstream dev` running for this
+folder is used (`server.devenv`), so that these commands work against dev with no setup.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import click
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exceptions
 
 from server import constants
 from server.config import Settings, SettingsError
+from server.devenv import read_dev_env
+from server.redis_client import create_redis
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RedisEnv:
     """What a Redis-only command reads from the environment."""
 
-    redis_url: str = field(repr=False)
-    """CHATSTREAM_REDIS_URL; may hold a password, so it is never printed."""
-    shards: int
-    """CHATSTREAM_SHARDS: how many ``chat:turns:{k}`` streams there are."""
+    settings: Settings
+    """CHATSTREAM_REDIS_URL and CHATSTREAM_SHARDS; every other field keeps its default, and
+    ``database_url`` is empty: these commands never open the database."""
+    source: str
+    """Where the URL came from, for messages (the URL itself may hold a password)."""
+
+    @property
+    def shards(self) -> int:
+        """CHATSTREAM_SHARDS: how many ``chat:turns:{k}`` streams there are."""
+        return self.settings.shards
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RedisEnv:
-        """Reads CHATSTREAM_REDIS_URL and CHATSTREAM_SHARDS, with the errors of `Settings.from_env`.
+        """Reads CHATSTREAM_REDIS_URL (else dev's) and CHATSTREAM_SHARDS, with `Settings.from_env`'s errors.
 
         `Settings.from_env` would also demand CHATSTREAM_DATABASE_URL (and validate every
         other setting), which an operator looking at Redis should not need to have.
@@ -34,9 +48,19 @@ class RedisEnv:
         """
         env = os.environ if environ is None else environ
         redis_url = env.get(constants.ENV_REDIS_URL, "")
+        source = constants.ENV_REDIS_URL
         if not redis_url:
-            raise SettingsError(f"{constants.ENV_REDIS_URL} is not set (redis://host:6379/0)")
-        return cls(redis_url=redis_url, shards=_shards(env))
+            dev = read_dev_env(env)
+            redis_url = (dev and dev.get(constants.ENV_REDIS_URL)) or ""
+            if dev is None or not redis_url:
+                raise SettingsError(
+                    f"{constants.ENV_REDIS_URL} is not set (redis://host:6379/0), and no `chatstream dev` "
+                    "runs for this folder"
+                )
+            source = f"the Redis of `chatstream dev` ({dev.path})"
+        return cls(
+            settings=Settings(database_url="", redis_url=redis_url, shards=_shards(env)), source=source
+        )
 
 
 def _shards(env: Mapping[str, str]) -> int:
@@ -52,15 +76,25 @@ def _shards(env: Mapping[str, str]) -> int:
     return value
 
 
+def redis_env() -> RedisEnv:
+    """`RedisEnv.from_env` for a command: a bad or missing variable is a one-line error."""
+    try:
+        return RedisEnv.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @contextlib.asynccontextmanager
 async def open_redis(env: RedisEnv) -> AsyncIterator[aioredis.Redis]:
-    """A Redis client for one command, closed on exit.
+    """The server's Redis client (`server.redis_client.create_redis`) for one command, closed on exit.
 
-    The timeouts match `server.app.create_redis`, which is not reused because importing
-    `server.app` loads the Anthropic SDK and takes seconds.
+    Raises:
+        click.ClickException: Redis cannot be reached; the message says where it was looked for.
     """
-    client = aioredis.from_url(env.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    client = create_redis(env.settings)
     try:
         yield client
+    except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
+        raise click.ClickException(f"cannot reach Redis at {env.source}: {exc}") from exc
     finally:
         await client.aclose()

@@ -17,6 +17,7 @@ from chatstream import ChatClient, ChatClientError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from server import constants
+from server.devenv import read_dev_env
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 CONVERSATION_PREFIX: Final = "conversations/"
@@ -60,10 +61,10 @@ _OPTIONS: Final = (
     click.option(
         "--target",
         envvar=constants.ENV_LISTEN,
-        default=DEFAULT_TARGET,
-        show_default=True,
+        default=None,
         show_envvar=True,
-        help="Server address, host:port.",
+        help=f"Server address, host:port. Default: with neither --target nor --token given, the "
+        f"`chatstream dev` running for this folder (its address and key), else {DEFAULT_TARGET}.",
     ),
     click.option(
         "--token",
@@ -88,10 +89,17 @@ def remote_options(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def with_remote(
-        *, target: str, token: str | None, tls_ca: Path | None, tls: bool, **kwargs: object
+        *, target: str | None, token: str | None, tls_ca: Path | None, tls: bool, **kwargs: object
     ) -> None:
         token = token.strip() if token else None
-        command(remote=Remote(target=target, token=token or None, tls_ca=tls_ca, tls=tls), **kwargs)
+        if target is None and token is None and tls_ca is None and not tls:
+            # Address and key come as a pair from dev's env file, never one of them: a token
+            # of the user's own must not go to an address a file in the folder names.
+            dev = read_dev_env()
+            if dev is not None:
+                target, token = dev.get(constants.ENV_LISTEN), dev.get(constants.ENV_TOKEN)
+        remote = Remote(target=target or DEFAULT_TARGET, token=token or None, tls_ca=tls_ca, tls=tls)
+        command(remote=remote, **kwargs)
 
     decorated: Callable[..., None] = with_remote
     for option in reversed(_OPTIONS):

@@ -9,8 +9,8 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from server.constants import DEAD_LETTER_STREAM
-from server.events import EventDecodeError, decode_turn
 from server.publisher import TurnPublisher
+from server.turn_codec import EventDecodeError, decode_turn
 
 _META_FIELDS = (b"dlq_source", b"dlq_entry_id", b"dlq_error")
 

@@ -36,8 +36,8 @@ from server.db import message_store
 from server.db.engine import Database
 from server.domain import Turn
 from server.errors import is_database_outage
-from server.events import EventDecodeError, decode_turn, encode_turn
 from server.metrics import Metrics
+from server.turn_codec import EventDecodeError, decode_turn, encode_turn
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 SCHEMA = "chat"
 TURN_STATUSES = ("STREAMING", "COMPLETED", "CANCELLED", "FAILED", "INTERRUPTED")
 
-# Constraint names are referenced by repository code (to tell conflicts apart), so
-# they are spelled out rather than generated.
+# Constraint names are spelled out rather than generated, so that they are the names
+# the migrations (0001) created.
 UQ_TURN_REQUEST_ID = "uq_turns_owner_request_id"
 UQ_ONE_STREAMING_TURN = "uq_turns_one_streaming"
 UQ_MESSAGE_TURN_ROLE = "uq_messages_turn_role"

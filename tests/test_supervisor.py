@@ -19,7 +19,7 @@ from chatstream import AsyncChatClient, TurnStatus
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import Settings
-from server.workers import MAX_QUICK_EXITS
+from server.supervisor import MAX_QUICK_EXITS
 from tests.conftest import eventually
 from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
 from tests.terminal import run_cli

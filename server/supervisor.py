@@ -170,16 +170,13 @@ class Supervisor:
             0 when a requested stop ended every worker cleanly; 1 when a worker failed to
             stop cleanly or kept dying at its start.
         """
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop, sig)
-        try:
+        # Not runtime.serve_until_signal: every signal, repeats included, is passed on to the
+        # workers as it is (a second Ctrl-C reaches them too), and the supervisor runs until
+        # its workers have exited rather than until the first signal.
+        with runtime.on_stop_signals(self.stop):
             async with asyncio.TaskGroup() as tasks:
                 for index in range(len(self._environs)):
                     tasks.create_task(self._keep_running(index), name=f"worker {index}")
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
         if self._gave_up:
             return 1
         unclean = {i: s for i, s in self._final_statuses.items() if s not in _CLEAN_EXITS}
