@@ -12,7 +12,6 @@ import redis.exceptions as redis_exceptions
 from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from server import tls
 from server.auth import Authenticator, CredentialVerifier, CurrentPrincipal
@@ -28,6 +27,8 @@ from server.metrics import Metrics, serve_metrics
 from server.production import Producer
 from server.publisher import TurnPublisher
 from server.redis_client import check_redis_eviction_policy, create_redis
+from server.reflection import SERVICE_NAMES as REFLECTION_SERVICE_NAMES
+from server.reflection import enable_reflection
 from server.servicer import ChatServicer
 from server.tracing import TracingInterceptor, configure_tracing, shutdown_tracing
 from server.turns import TurnRunner
@@ -38,10 +39,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# Reachable without credentials: load-balancer probes and grpcurl's reflection.
-PUBLIC_SERVICES = frozenset(
-    {HEALTH_SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"}
-)
+# Reachable without credentials: load-balancer probes and the reflection that grpcurl and buf curl use.
+PUBLIC_SERVICES = frozenset({HEALTH_SERVICE_NAME, *REFLECTION_SERVICE_NAMES})
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -200,14 +199,7 @@ class ChatServer:
         server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
         chat_service_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                HEALTH_SERVICE_NAME,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
+        enable_reflection(server, [SERVICE_NAME, HEALTH_SERVICE_NAME])
         self._port = (
             server.add_insecure_port(settings.listen)
             if credentials is None
