@@ -19,6 +19,7 @@ from server import tls
 from server.auth import Authenticator, CredentialVerifier, CurrentPrincipal
 from server.config import AuthMode, Settings
 from server.context import ContextStore
+from server.context_budget import check_prompt_budget, history_budget
 from server.conversations import ConversationService
 from server.db.engine import create_engine, create_sessionmaker
 from server.db.hot import HotPath, create_pool
@@ -154,6 +155,7 @@ class ChatServer:
         # Credentials and TLS first: a misconfiguration fails before anything is opened.
         verifier = CredentialVerifier(settings)
         credentials = tls.server_credentials(settings)
+        check_prompt_budget(settings)
         engine = create_engine(settings)
         self._stack.push_async_callback(engine.dispose)
         sessionmaker = create_sessionmaker(engine)
@@ -172,7 +174,12 @@ class ChatServer:
         self._stack.push_async_callback(hot_pool.close)
         hot = HotPath(hot_pool, log_transactions=settings.log_transactions)
         context = ContextStore(
-            redis, hot, max_turns=settings.context_max_turns, ttl_s=settings.context_cache_ttl_s
+            redis,
+            hot,
+            max_turns=settings.context_max_turns,
+            ttl_s=settings.context_cache_ttl_s,
+            max_chars=history_budget(settings, text_chars=0),
+            max_text_chars=settings.max_text_chars,
         )
         runner = TurnRunner(
             settings=settings,

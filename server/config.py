@@ -68,6 +68,12 @@ class Settings:
     """Number of ``chat:turns:{k}`` streams (CHATSTREAM_SHARDS); changing it re-maps conversations."""
     context_max_turns: int = 50
     """Earlier turns sent to the model as context (CHATSTREAM_CONTEXT_MAX_TURNS)."""
+    context_max_chars: int = 100_000
+    """Largest prompt sent upstream, in characters: system prompt, earlier turns and the new
+    message together (CHATSTREAM_CONTEXT_MAX_CHARS). Earlier turns are added newest first while
+    they fit, so the prompt and the cached context stay bounded however long the conversation.
+    Characters, not tokens: about 4 per token in English, down to 1 per token in CJK text. Must
+    hold the longest accepted message plus the system prompt; the server refuses to start otherwise."""
     context_cache_ttl_s: int = 3600
     """How long a conversation's context stays cached in Redis (CHATSTREAM_CONTEXT_CACHE_TTL_S)."""
     max_text_chars: int = 32_768
@@ -199,6 +205,9 @@ class Settings:
             shards=_int(env, "CHATSTREAM_SHARDS", defaults.shards, minimum=1),
             context_max_turns=_int(
                 env, "CHATSTREAM_CONTEXT_MAX_TURNS", defaults.context_max_turns, minimum=0
+            ),
+            context_max_chars=_int(
+                env, "CHATSTREAM_CONTEXT_MAX_CHARS", defaults.context_max_chars, minimum=1
             ),
             context_cache_ttl_s=_int(
                 env, "CHATSTREAM_CONTEXT_CACHE_TTL_S", defaults.context_cache_ttl_s, minimum=1

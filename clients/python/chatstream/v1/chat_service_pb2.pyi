@@ -208,7 +208,10 @@ class ChatRequest(_message.Message):
     conversation: _builtins.str
     """Optional. `conversations/{conversation}` to continue; empty starts a new conversation."""
     text: _builtins.str
-    """Required. The user's message: 1 to 32,768 characters, no NUL bytes."""
+    """Required. The user's message: 1 to 32,768 characters, no NUL bytes. The prompt holds it,
+    the system prompt and the conversation's earlier turns, newest first, as many as fit the
+    server's character budget (CHATSTREAM_CONTEXT_MAX_CHARS); every accepted message fits.
+    """
     request_id: _builtins.str
     """Optional. Idempotency key, unique per caller (a UUID4 is recommended; at most
     128 characters of [A-Za-z0-9._:-]). Reusing it with the same message replays
