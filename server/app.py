@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from server import tls
@@ -27,7 +26,20 @@ from server.edge import EdgeInterceptor
 from server.limits import StreamLimiter
 from server.llm import LlmClient
 from server.metrics import Metrics, serve_metrics
+from server.public_streams import (
+    HEALTH_WATCH,
+    REFLECTION_STREAMS,
+    BoundedHealthServicer,
+    PublicStreamCap,
+    StreamCount,
+)
 from server.publisher import TurnPublisher
+from server.readiness import (
+    ReadinessMonitor,
+    database_probe,
+    file_descriptor_probe,
+    warn_if_too_few_file_descriptors,
+)
 from server.servicer import ChatServicer
 from server.tracing import TracingInterceptor, configure_tracing, shutdown_tracing
 from server.turns import TurnRunner
@@ -55,8 +67,18 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # Soft and hard limit alike: above it a call is refused, never randomly.
         ("grpc.max_metadata_size", settings.max_metadata_bytes),
         ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
+        # Every connection and every stream is bounded, health and reflection included
+        # (docs/security.md, "Connections and streams").
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        # In grpc core the unanswered keepalive PING is timed by the ping timeout (one
+        # minute by default), not by keepalive_timeout_ms alone: set both.
+        ("grpc.http2.ping_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_s)),
         # Keepalive enforcement: a client pinging more often than this without data, or
         # at all without a call in flight, earns strikes and then a GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_min_ping_interval_s * 1000)),
@@ -64,8 +86,22 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 0),
         # A connection that has not finished its TLS and HTTP/2 handshake by then is closed.
         ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
-        ("grpc.max_connection_age_grace_ms", 30_000),
     ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _public_stream_cap(settings: Settings) -> PublicStreamCap:
+    """Caps the streams anyone may open without a credential: health watches and reflection."""
+    reflection_streams = StreamCount(scope="reflection", limit=settings.max_reflection_streams)
+    return PublicStreamCap(
+        {
+            HEALTH_WATCH: StreamCount(scope="health_watch", limit=settings.max_health_watches),
+            **dict.fromkeys(REFLECTION_STREAMS, reflection_streams),
+        }
+    )
 
 
 class RedisEvictionPolicyError(RuntimeError):
@@ -127,7 +163,7 @@ class ChatServer:
         self._authenticator = authenticator or CurrentPrincipal()
         self._stack = contextlib.AsyncExitStack()
         self._server: grpc.aio.Server | None = None
-        self._health = HealthServicer()
+        self._health = BoundedHealthServicer()
         self._port = 0
         self.metrics_port = 0
         """The bound metrics port; 0 when metrics are off."""
@@ -156,6 +192,7 @@ class ChatServer:
         verifier = CredentialVerifier(settings)
         credentials = tls.server_credentials(settings)
         check_prompt_budget(settings)
+        warn_if_too_few_file_descriptors(settings)
         engine = create_engine(settings)
         self._stack.push_async_callback(engine.dispose)
         sessionmaker = create_sessionmaker(engine)
@@ -221,10 +258,14 @@ class ChatServer:
             public_services=PUBLIC_SERVICES,
             max_metadata_bytes=settings.max_metadata_bytes,
         )
-        interceptors: list[grpc.aio.ServerInterceptor] = [edge]
+        interceptors: list[grpc.aio.ServerInterceptor] = [edge, _public_stream_cap(settings)]
         if tracing_on:
             interceptors.insert(0, TracingInterceptor([SERVICE_NAME]))
-        server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
+        server = grpc.aio.server(
+            options=server_options(settings),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
         chat_service_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -250,6 +291,15 @@ class ChatServer:
             self._stack.callback(endpoint.close)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        readiness = ReadinessMonitor(
+            health=self._health,
+            services=("", SERVICE_NAME),
+            probes=(file_descriptor_probe(settings.min_free_fds), database_probe(engine)),
+            interval_s=settings.readiness_interval_s,
+            metrics=self.metrics,
+        )
+        monitor = asyncio.create_task(readiness.run(), name="readiness")
+        self._stack.push_async_callback(_cancel_and_wait, monitor)
         logger.info(
             "serving %s on %s (tls=%s, mtls=%s, auth=%s)",
             SERVICE_NAME,
