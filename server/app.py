@@ -291,9 +291,11 @@ class ChatServer:
             self._stack.callback(endpoint.close)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        # Readiness drives the service's status only: "" stays the liveness signal (the
+        # process answers), so a database outage never gets every replica restarted.
         readiness = ReadinessMonitor(
             health=self._health,
-            services=("", SERVICE_NAME),
+            services=(SERVICE_NAME,),
             probes=(file_descriptor_probe(settings.min_free_fds), database_probe(engine)),
             interval_s=settings.readiness_interval_s,
             metrics=self.metrics,

@@ -3,8 +3,9 @@
 A process that cannot reach PostgreSQL, or has (nearly) run out of file descriptors,
 fails every Chat with UNAVAILABLE while its port still answers. ``ReadinessMonitor``
 probes both every ``CHATSTREAM_READINESS_INTERVAL_S`` and drives the gRPC health
-status of the given services, so load balancers and client-side health checking
-move traffic to replicas that can serve it. Two failed probes in a row turn it
+status of the given services (the server passes ``chatstream.v1.ChatService``, the
+readiness probe's service; ``""`` stays the liveness signal), so load balancers and
+client-side health checking move traffic to replicas that can serve it. Two failed probes in a row turn it
 NOT_SERVING (one slow probe under load is not an outage); one good probe turns it
 back. The reason is logged on every change and exported as the gauge
 ``chatstream_degraded{reason}``.

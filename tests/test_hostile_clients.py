@@ -20,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from server.app import SERVICE_NAME
 from server.config import Settings
 from tests.conftest import StartServer, eventually
 from tests.hostile import (
@@ -232,7 +233,8 @@ async def test_health_is_not_serving_while_out_of_file_descriptors_and_recovers_
             resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (open_fds(process.pid) + 40, hard))
 
             async def status() -> int:
-                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                ready = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+                response = await stub.Check(ready, timeout=5)
                 return int(response.status)
 
             with idle_connections(address, 60):
