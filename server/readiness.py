@@ -133,13 +133,17 @@ def database_probe(engine: AsyncEngine) -> Probe:
     """Fails while a connection from ``engine``'s pool cannot run ``SELECT 1`` within 2 s.
 
     The pool pre-pings, so a connection PostgreSQL dropped is replaced, and only a
-    server that refuses or ignores new connections fails the probe.
+    server that refuses or ignores new connections fails the probe. The statement goes
+    to the driver connection, outside any SQLAlchemy transaction, so the probe never
+    shows up in the transaction log (CHATSTREAM_LOG_TRANSACTIONS) as a BEGIN/ROLLBACK.
     """
 
     async def probe() -> str | None:
         try:
             async with asyncio.timeout(_DATABASE_PROBE_TIMEOUT_S), engine.connect() as conn:
-                await conn.exec_driver_sql("SELECT 1")
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None  # a checked-out connection always has one
+                await driver.fetchval("SELECT 1")
         except Exception as exc:  # noqa: BLE001 - any failure to reach it is the answer
             logger.info("database probe failed: %s", exc.__class__.__name__)
             return POSTGRESQL

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
@@ -249,3 +250,15 @@ async def test_a_turn_whose_conversation_is_deleted_mid_stream_ends_with_a_termi
     else:
         assert outcome[-1].WhichOneof("kind") == "completed"
         assert outcome[-1].completed.status not in {pb.TURN_STATUS_STREAMING, pb.TURN_STATUS_UNSPECIFIED}
+
+
+async def test_the_readiness_probe_stays_out_of_the_transaction_log(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The transaction log is how an operator spots a transaction held across a stream: a probe
+    every few seconds must not add BEGIN/ROLLBACK lines to it."""
+    caplog.set_level(logging.INFO, logger="server.db.transactions")
+    server = await start_server(log_transactions=True, readiness_interval_s=0.05)
+    await asyncio.sleep(0.5)  # about ten probes; there is no event to wait for when nothing is logged
+    assert await health_status(server.address, service=SERVICE_NAME) == SERVING
+    assert [r.getMessage() for r in caplog.records if r.name == "server.db.transactions"] == []
