@@ -178,8 +178,8 @@ class Settings:
     this plus ``max_streams`` and the database pools (the server warns at start-up otherwise)."""
     max_streams_per_connection: int = 100
     """Concurrent calls (HTTP/2 streams) of any service on one connection, advertised as
-    SETTINGS_MAX_CONCURRENT_STREAMS (CHATSTREAM_MAX_STREAMS_PER_CONNECTION); past it a stream is
-    refused with RST_STREAM(REFUSED_STREAM)."""
+    SETTINGS_MAX_CONCURRENT_STREAMS (CHATSTREAM_MAX_STREAMS_PER_CONNECTION); gRPC clients queue
+    calls past it, and a peer that sends them anyway has them reset (RST_STREAM)."""
     max_concurrent_rpcs: int = 3000
     """Concurrent calls of every service together, per process (CHATSTREAM_MAX_CONCURRENT_RPCS);
     past it gRPC answers RESOURCE_EXHAUSTED. Above ``max_streams`` plus the health-watch and
