@@ -11,12 +11,12 @@ import grpc
 import redis.exceptions as redis_exceptions
 from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
 from server import tls
 from server.auth import Authenticator, CredentialVerifier, CurrentPrincipal
 from server.config import AuthMode, Settings
 from server.context import ContextStore
+from server.context_budget import check_prompt_budget, history_budget
 from server.conversations import ConversationService
 from server.db.engine import Database
 from server.edge import EdgeInterceptor
@@ -25,7 +25,20 @@ from server.limits import StreamLimiter
 from server.llm import LlmClient
 from server.metrics import Metrics, serve_metrics
 from server.production import Producer
+from server.public_streams import (
+    HEALTH_WATCH,
+    REFLECTION_STREAMS,
+    BoundedHealthServicer,
+    PublicStreamCap,
+    StreamCount,
+)
 from server.publisher import TurnPublisher
+from server.readiness import (
+    ReadinessMonitor,
+    database_probe,
+    file_descriptor_probe,
+    warn_if_too_few_file_descriptors,
+)
 from server.redis_client import check_redis_eviction_policy, create_redis
 from server.reflection import SERVICE_NAMES as REFLECTION_SERVICE_NAMES
 from server.reflection import enable_reflection
@@ -55,8 +68,18 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # Soft and hard limit alike: above it a call is refused, never randomly.
         ("grpc.max_metadata_size", settings.max_metadata_bytes),
         ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
+        # Every connection and every stream is bounded, health and reflection included
+        # (docs/security.md, "Connections and streams").
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        # In grpc core the unanswered keepalive PING is timed by the ping timeout (one
+        # minute by default), not by keepalive_timeout_ms alone: set both.
+        ("grpc.http2.ping_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_s)),
         # Keepalive enforcement: a client pinging more often than this without data, or
         # at all without a call in flight, earns strikes and then a GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_min_ping_interval_s * 1000)),
@@ -64,8 +87,22 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 0),
         # A connection that has not finished its TLS and HTTP/2 handshake by then is closed.
         ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
-        ("grpc.max_connection_age_grace_ms", 30_000),
     ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _public_stream_cap(settings: Settings) -> PublicStreamCap:
+    """Caps the streams anyone may open without a credential: health watches and reflection."""
+    reflection_streams = StreamCount(scope="reflection", limit=settings.max_reflection_streams)
+    return PublicStreamCap(
+        {
+            HEALTH_WATCH: StreamCount(scope="health_watch", limit=settings.max_health_watches),
+            **dict.fromkeys(REFLECTION_STREAMS, reflection_streams),
+        }
+    )
 
 
 class ChatServer:
@@ -88,7 +125,7 @@ class ChatServer:
         self._authenticator = authenticator or CurrentPrincipal()
         self._stack = contextlib.AsyncExitStack()
         self._server: grpc.aio.Server | None = None
-        self._health = HealthServicer()
+        self._health = BoundedHealthServicer()
         self._port = 0
         self.metrics_port = 0
         """The bound metrics port; 0 when metrics are off."""
@@ -116,6 +153,8 @@ class ChatServer:
         # Credentials, TLS and the model first: a misconfiguration fails before anything is opened.
         verifier = CredentialVerifier(settings)
         credentials = tls.server_credentials(settings)
+        check_prompt_budget(settings)
+        warn_if_too_few_file_descriptors(settings)
         llm = LlmClient(settings)
         self._stack.push_async_callback(llm.close)
         database = Database.from_settings(settings)
@@ -130,7 +169,12 @@ class ChatServer:
             logger.warning("Redis is unreachable at start-up (%s); serving anyway", exc.__class__.__name__)
 
         context = ContextStore(
-            redis, database, max_turns=settings.context_max_turns, ttl_s=settings.context_cache_ttl_s
+            redis,
+            database,
+            max_turns=settings.context_max_turns,
+            ttl_s=settings.context_cache_ttl_s,
+            max_chars=history_budget(settings, text_chars=0),
+            max_text_chars=settings.max_text_chars,
         )
         leases = TurnLeases(database, lease=timedelta(seconds=settings.turn_lease_s))
         self._leases = leases
@@ -193,10 +237,14 @@ class ChatServer:
             public_services=PUBLIC_SERVICES,
             max_metadata_bytes=settings.max_metadata_bytes,
         )
-        interceptors: list[grpc.aio.ServerInterceptor] = [edge]
+        interceptors: list[grpc.aio.ServerInterceptor] = [edge, _public_stream_cap(settings)]
         if tracing_on:
             interceptors.insert(0, TracingInterceptor([SERVICE_NAME]))
-        server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
+        server = grpc.aio.server(
+            options=server_options(settings),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
         chat_service_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(server, [SERVICE_NAME, HEALTH_SERVICE_NAME])
@@ -215,6 +263,17 @@ class ChatServer:
             self._stack.callback(endpoint.close)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        # Readiness drives the service's status only: "" stays the liveness signal (the
+        # process answers), so a database outage never gets every replica restarted.
+        readiness = ReadinessMonitor(
+            health=self._health,
+            services=(SERVICE_NAME,),
+            probes=(file_descriptor_probe(settings.min_free_fds), database_probe(database.engine)),
+            interval_s=settings.readiness_interval_s,
+            metrics=self.metrics,
+        )
+        monitor = asyncio.create_task(readiness.run(), name="readiness")
+        self._stack.push_async_callback(_cancel_and_wait, monitor)
         logger.info(
             "serving %s on %s (tls=%s, mtls=%s, auth=%s)",
             SERVICE_NAME,

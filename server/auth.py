@@ -14,7 +14,9 @@ back inside the servicer. Credentials, in the order they are tried:
 A principal acts for itself (owner = its subject) unless it sends ``x-chatstream-user``
 and its credential is explicitly allowed to act for users; then the owner is
 ``user:<id>``. The prefix keeps end users and services in separate namespaces, so a
-service acting for users can never reach a service's own data.
+service acting for users can never reach a service's own data, and no credential of
+any kind (API key, JWT, certificate) may have a subject of that form: it would own a
+user's data without any delegation.
 
 ``chatstream new-key SUBJECT`` (`server.cli.keys`) prints a new API key and the
 configuration entry (its hash) for ``CHATSTREAM_API_KEYS``.
@@ -233,7 +235,7 @@ class CredentialVerifier:
         self._mode = settings.auth_mode
         self._api_keys: tuple[ApiKeyEntry, ...] = settings.api_keys
         for entry in self._api_keys:
-            if entry.subject.startswith(USER_OWNER_PREFIX):
+            if in_user_namespace(entry.subject):
                 raise SettingsError(f"CHATSTREAM_API_KEYS: subject {entry.subject!r} uses a reserved prefix")
         self._jwt = _JwtKeys(settings)
         self._jwt_issuer = settings.jwt_issuer
@@ -276,6 +278,14 @@ class CredentialVerifier:
         else:
             raise UnauthenticatedError(
                 "missing credentials", reason=ErrorReason.ERROR_REASON_CREDENTIALS_MISSING
+            )
+        if in_user_namespace(principal.subject):
+            # Checked for every kind of credential, not only API keys at start-up: a JWT
+            # ``sub`` or a certificate's URI SAN of ``user:alice`` would otherwise read
+            # what a gateway stored while acting for end user alice.
+            raise UnauthenticatedError(
+                "the credential's subject is in the reserved user: namespace",
+                reason=ErrorReason.ERROR_REASON_SUBJECT_RESERVED,
             )
         user = _single_value(metadata, USER_HEADER)
         if user is None:
@@ -360,6 +370,14 @@ class CredentialVerifier:
         if not isinstance(subject, str) or not _printable(subject, _MAX_SUBJECT_CHARS):
             raise invalid
         return subject
+
+
+def in_user_namespace(subject: str) -> bool:
+    """Whether ``subject`` has the form of an owner made by acting for a user.
+
+    Case-insensitive, so no later normalisation of subjects can make one collide.
+    """
+    return subject[: len(USER_OWNER_PREFIX)].lower() == USER_OWNER_PREFIX
 
 
 def _printable(value: str, max_chars: int) -> bool:

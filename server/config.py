@@ -68,6 +68,12 @@ class Settings:
     """Number of ``chat:turns:{k}`` streams (CHATSTREAM_SHARDS); changing it re-maps conversations."""
     context_max_turns: int = 50
     """Earlier turns sent to the model as context (CHATSTREAM_CONTEXT_MAX_TURNS)."""
+    context_max_chars: int = 100_000
+    """Largest prompt sent upstream, in characters: system prompt, earlier turns and the new
+    message together (CHATSTREAM_CONTEXT_MAX_CHARS). Earlier turns are added newest first while
+    they fit, so the prompt and the cached context stay bounded however long the conversation.
+    Characters, not tokens: about 4 per token in English, down to 1 per token in CJK text. Must
+    hold the longest accepted message plus the system prompt; the server refuses to start otherwise."""
     context_cache_ttl_s: int = 3600
     """How long a conversation's context stays cached in Redis (CHATSTREAM_CONTEXT_CACHE_TTL_S)."""
     max_text_chars: int = 32_768
@@ -184,6 +190,46 @@ class Settings:
     handshake_timeout_s: float = 10.0
     """Longest a new connection may take to finish its TLS and HTTP/2 handshake
     (CHATSTREAM_HANDSHAKE_TIMEOUT_S)."""
+    max_connections: int = 1000
+    """Open client connections per server process (CHATSTREAM_MAX_CONNECTIONS); past it a new
+    connection is accepted and closed at once. Keep the process's file-descriptor limit above
+    this plus ``max_streams`` and the database pools (the server warns at start-up otherwise)."""
+    max_streams_per_connection: int = 100
+    """Concurrent calls (HTTP/2 streams) of any service on one connection, advertised as
+    SETTINGS_MAX_CONCURRENT_STREAMS (CHATSTREAM_MAX_STREAMS_PER_CONNECTION); gRPC clients queue
+    calls past it, and a peer that sends them anyway has them reset (RST_STREAM)."""
+    max_concurrent_rpcs: int = 3000
+    """Concurrent calls of every service together, per process (CHATSTREAM_MAX_CONCURRENT_RPCS);
+    past it gRPC answers RESOURCE_EXHAUSTED. Above ``max_streams`` plus the health-watch and
+    reflection caps, so those never starve Chat."""
+    max_health_watches: int = 1000
+    """Concurrent ``grpc.health.v1.Health/Watch`` streams per process (CHATSTREAM_MAX_HEALTH_WATCHES);
+    one more gets RESOURCE_EXHAUSTED / TOO_MANY_STREAMS. Client-side health checking opens one
+    per client channel; load-balancer probes use Check, which is not limited."""
+    max_reflection_streams: int = 64
+    """Concurrent server-reflection streams per process (CHATSTREAM_MAX_REFLECTION_STREAMS)."""
+    keepalive_time_s: float = 60.0
+    """The server pings a connection with calls in flight after this long without traffic
+    (CHATSTREAM_KEEPALIVE_TIME_S)."""
+    keepalive_timeout_s: float = 20.0
+    """A ping unanswered for this long closes the connection and cancels its calls
+    (CHATSTREAM_KEEPALIVE_TIMEOUT_S)."""
+    max_connection_idle_s: float = 300.0
+    """A connection without calls for this long gets GOAWAY (CHATSTREAM_MAX_CONNECTION_IDLE_S);
+    clients reconnect on their next call."""
+    max_connection_age_s: float = 1800.0
+    """A connection older than this (±10 % jitter) gets GOAWAY, so that clients reconnect and
+    load balancers rebalance (CHATSTREAM_MAX_CONNECTION_AGE_S)."""
+    max_connection_age_grace_s: float = 60.0
+    """After that GOAWAY, calls in flight get this long to finish before the connection is
+    closed (CHATSTREAM_MAX_CONNECTION_AGE_GRACE_S)."""
+    readiness_interval_s: float = 5.0
+    """How often the server checks that it can reach PostgreSQL and has file descriptors to
+    spare; health turns NOT_SERVING after two failed checks in a row and SERVING again after one
+    good one (CHATSTREAM_READINESS_INTERVAL_S)."""
+    min_free_fds: int = 64
+    """Free file descriptors below which the process reports itself NOT_SERVING: a Chat needs
+    sockets for the model and the database (CHATSTREAM_MIN_FREE_FDS)."""
     default_page_size: int = 50
     """Page size when a list request asks for 0 (CHATSTREAM_DEFAULT_PAGE_SIZE)."""
     max_page_size: int = 1000
@@ -217,6 +263,9 @@ class Settings:
             shards=_int(env, "CHATSTREAM_SHARDS", defaults.shards, minimum=1),
             context_max_turns=_int(
                 env, "CHATSTREAM_CONTEXT_MAX_TURNS", defaults.context_max_turns, minimum=0
+            ),
+            context_max_chars=_int(
+                env, "CHATSTREAM_CONTEXT_MAX_CHARS", defaults.context_max_chars, minimum=1
             ),
             context_cache_ttl_s=_int(
                 env, "CHATSTREAM_CONTEXT_CACHE_TTL_S", defaults.context_cache_ttl_s, minimum=1
@@ -278,6 +327,34 @@ class Settings:
                 env, "CHATSTREAM_KEEPALIVE_MAX_PING_STRIKES", defaults.keepalive_max_ping_strikes, minimum=0
             ),
             handshake_timeout_s=_float(env, "CHATSTREAM_HANDSHAKE_TIMEOUT_S", defaults.handshake_timeout_s),
+            max_connections=_int(env, "CHATSTREAM_MAX_CONNECTIONS", defaults.max_connections, minimum=1),
+            max_streams_per_connection=_int(
+                env, "CHATSTREAM_MAX_STREAMS_PER_CONNECTION", defaults.max_streams_per_connection, minimum=1
+            ),
+            max_concurrent_rpcs=_int(
+                env, "CHATSTREAM_MAX_CONCURRENT_RPCS", defaults.max_concurrent_rpcs, minimum=1
+            ),
+            max_health_watches=_int(
+                env, "CHATSTREAM_MAX_HEALTH_WATCHES", defaults.max_health_watches, minimum=0
+            ),
+            max_reflection_streams=_int(
+                env, "CHATSTREAM_MAX_REFLECTION_STREAMS", defaults.max_reflection_streams, minimum=0
+            ),
+            keepalive_time_s=_float(env, "CHATSTREAM_KEEPALIVE_TIME_S", defaults.keepalive_time_s),
+            keepalive_timeout_s=_float(env, "CHATSTREAM_KEEPALIVE_TIMEOUT_S", defaults.keepalive_timeout_s),
+            max_connection_idle_s=_float(
+                env, "CHATSTREAM_MAX_CONNECTION_IDLE_S", defaults.max_connection_idle_s
+            ),
+            max_connection_age_s=_float(
+                env, "CHATSTREAM_MAX_CONNECTION_AGE_S", defaults.max_connection_age_s
+            ),
+            max_connection_age_grace_s=_float(
+                env, "CHATSTREAM_MAX_CONNECTION_AGE_GRACE_S", defaults.max_connection_age_grace_s
+            ),
+            readiness_interval_s=_float(
+                env, "CHATSTREAM_READINESS_INTERVAL_S", defaults.readiness_interval_s
+            ),
+            min_free_fds=_int(env, "CHATSTREAM_MIN_FREE_FDS", defaults.min_free_fds, minimum=0),
             default_page_size=_int(
                 env, "CHATSTREAM_DEFAULT_PAGE_SIZE", defaults.default_page_size, minimum=1
             ),

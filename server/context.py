@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from server.constants import context_key
+from server.context_budget import fit_context
 from server.db import turn_store
 from server.db.engine import Database
 from server.domain import Exchange
@@ -25,16 +26,47 @@ class ContextStore:
     when it covers exactly the turns before the one being built, so a stale or
     partially written cache can never hide a turn: PostgreSQL (the turn rows written
     by unit of work 2) is the fallback and the truth. Redis failures only cost a read.
+
+    Both what is loaded and what is cached are bounded by size as well as by count
+    (``server.context_budget``), so neither the prompt nor the cache entry grows with
+    the conversation.
     """
 
-    def __init__(self, redis: aioredis.Redis, database: Database, *, max_turns: int, ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        database: Database,
+        *,
+        max_turns: int,
+        ttl_s: int,
+        max_chars: int | None = None,
+        max_text_chars: int = 0,
+    ) -> None:
+        """Args:
+        redis: The cache.
+        database: Where the turns are read from on a cache miss.
+        max_turns: Most earlier turns in a prompt.
+        ttl_s: Lifetime of a cache entry.
+        max_chars: Most characters of earlier turns any prompt may carry (the prompt
+            budget less the system prompt); the cache entry holds no more. None: unbounded.
+        max_text_chars: Characters kept free for the new message when ``load`` is not told
+            its length: the longest message accepted.
+        """
         self._redis = redis
         self._database = database
         self._max_turns = max_turns
         self._ttl_s = ttl_s
+        self._max_chars = max_chars
+        self._max_text_chars = max_text_chars
 
-    async def load(self, conversation_id: uuid.UUID, *, owner: str, before_seq: int) -> list[Exchange]:
-        """The last ``max_turns`` exchanges before turn ``before_seq``, oldest first."""
+    async def load(
+        self, conversation_id: uuid.UUID, *, owner: str, before_seq: int, text_chars: int | None = None
+    ) -> list[Exchange]:
+        """The exchanges before turn ``before_seq`` that fit the prompt, oldest first.
+
+        At most ``max_turns``, and, newest first, only as many as fit ``max_chars`` less
+        the new message's ``text_chars`` (the longest accepted message when not given).
+        """
         if self._max_turns == 0 or before_seq <= 1:
             return []
         cached = await self._read_cache(conversation_id)
@@ -43,14 +75,20 @@ class ContextStore:
             # The owner check keeps a stale entry of a deleted conversation from ever
             # reaching another owner who re-creates the same id.
             if cached_owner == owner and through == before_seq - 1:
-                return exchanges[-self._max_turns :]
+                return self._fit(exchanges[-self._max_turns :], text_chars)
         # One read-only statement, done before the model is called.
         async with self._database.autocommit("list exchanges") as conn:
             exchanges = await turn_store.list_exchanges(
                 conn, conversation_id=conversation_id, before_seq=before_seq, limit=self._max_turns
             )
         await self.remember(conversation_id, owner=owner, through=before_seq - 1, exchanges=exchanges)
-        return exchanges
+        return self._fit(exchanges, text_chars)
+
+    def _fit(self, exchanges: Sequence[Exchange], text_chars: int | None) -> list[Exchange]:
+        if self._max_chars is None:
+            return list(exchanges)
+        reserved = self._max_text_chars if text_chars is None else text_chars
+        return fit_context(exchanges, max(0, self._max_chars - reserved))
 
     async def remember(
         self, conversation_id: uuid.UUID, *, owner: str, through: int, exchanges: Sequence[Exchange]
@@ -72,6 +110,9 @@ class ContextStore:
     ) -> tuple[str, str]:
         """The cache key and value ``remember`` writes, for callers that batch the write."""
         kept = list(exchanges)[-self._max_turns :] if self._max_turns else []
+        if self._max_chars is not None:
+            # The most any next prompt can use: the cache entry never outgrows the budget.
+            kept = fit_context(kept, self._max_chars)
         value = json.dumps(
             {"owner": owner, "through": through, "x": [[e.seq, e.user_text, e.assistant_text] for e in kept]},
             ensure_ascii=False,

@@ -210,10 +210,18 @@ def classify(exc: BaseException) -> ChatError:
 
 
 # asyncpg errors meaning "the server is gone, restarting or refusing connections":
-# connection failures (SQLSTATE class 08) and operator intervention (57P01-57P03).
+# connection failures (SQLSTATE class 08) and operator intervention (57P01-57P03);
+# no connection slot left (53300); a database not accepting connections (55000, e.g.
+# ALLOW_CONNECTIONS false during maintenance); a primary that became a read-only
+# standby in a failover (25006). All of them pass once the database is back, so
+# they are retried like a refused connection (ConnectionRefusedError is an OSError).
 _OUTAGE_ERRORS = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.InterfaceError,
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.TimeoutError,

@@ -206,7 +206,10 @@ class Producer:
                     async with asyncio.timeout(self._settings.max_turn_s):
                         emit(Sequenced(1, TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id)))
                         history = await self._context.load(
-                            turn.conversation_id, owner=turn.owner, before_seq=turn.seq
+                            turn.conversation_id,
+                            owner=turn.owner,
+                            before_seq=turn.seq,
+                            text_chars=len(turn.user_text),
                         )
                         await self._number(production, history, reply, emit, began)
                 except asyncio.CancelledError:

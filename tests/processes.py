@@ -183,6 +183,17 @@ class PostgresProcess:
             self._pg_ctl_run("-w", "-l", str(self._dir / "pg" / "restart.log"), "start")
         raise AssertionError("PostgreSQL did not come back after a restart")
 
+    def stop(self) -> None:
+        """A fast shutdown: every connection is dropped and new ones are refused until ``start``."""
+        assert self._pg_ctl_run("-m", "fast", "-w", "stop") == 0
+
+    def start(self) -> None:
+        """Starts the cluster after ``stop``, on its Unix socket only, as pgserver started it."""
+        options = f"-h '' -k {self.socket_dir}"
+        assert (
+            self._pg_ctl_run("-w", "-o", options, "-l", str(self._dir / "pg" / "restart.log"), "start") == 0
+        )
+
     def _pg_ctl_run(self, *args: str) -> int:
         # runuser switches to pgserver's user in its own process: subprocess's user=
         # makes CPython fork() this multi-threaded test process and change users in the

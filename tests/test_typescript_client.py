@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Final
 
 import pytest
-from server.db.hot import HotPath, create_pool
 
-from server.app import ChatServer, create_redis
+from server.app import ChatServer
 from server.config import AuthMode, Settings
 from server.consumer.worker import PersistenceWorker
+from server.db.engine import Database
+from server.redis_client import create_redis
 from tests.conftest import StartServer
 from tests.credentials import api_key
 from tests.fake_anthropic import DEFAULT_DELTAS, Error, FakeAnthropic, Stream
@@ -66,9 +67,9 @@ async def target(start_server: StartServer, settings: Settings) -> AsyncIterator
     """The server with authentication on, and a persistence consumer running until the test ends."""
     token, entry = api_key("ts-client")
     server = await start_server(auth_mode=AuthMode.REQUIRED, api_keys=(entry,))
-    pool = await create_pool(settings)
+    database = Database.from_settings(settings)
     redis_client = create_redis(settings)
-    worker = PersistenceWorker.from_settings(settings, redis=redis_client, hot=HotPath(pool))
+    worker = PersistenceWorker.from_settings(settings, redis=redis_client, database=database)
     consumer = asyncio.create_task(worker.run())
     try:
         yield Target(server=server, token=token)
@@ -76,7 +77,7 @@ async def target(start_server: StartServer, settings: Settings) -> AsyncIterator
         worker.stop()
         await consumer
         await redis_client.aclose()
-        await pool.close()
+        await database.dispose()
 
 
 async def run_group(suite: NodeSuite, target: Target, group: str) -> str:

@@ -213,6 +213,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """`WatchTurn` or `CancelTurn` named a turn that does not exist, or belongs to
     another owner (the two look the same). Code NOT_FOUND. No metadata. Do not retry.
     """
+    ERROR_REASON_SUBJECT_RESERVED: _ErrorReason.ValueType  # 19
+    """The credential's subject (an API key's, a JWT's `sub`, a client certificate's
+    identity) starts with `user:`, the namespace of end users a trusted key acts for
+    (`x-chatstream-user`). Code UNAUTHENTICATED. Do not retry: issue the credential
+    for another subject.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed: the `reason` of the `google.rpc.ErrorInfo` that every error
@@ -328,6 +334,12 @@ that had started is stored FAILED. Code INTERNAL. Do not retry automatically.
 ERROR_REASON_TURN_NOT_FOUND: ErrorReason.ValueType  # 18
 """`WatchTurn` or `CancelTurn` named a turn that does not exist, or belongs to
 another owner (the two look the same). Code NOT_FOUND. No metadata. Do not retry.
+"""
+ERROR_REASON_SUBJECT_RESERVED: ErrorReason.ValueType  # 19
+"""The credential's subject (an API key's, a JWT's `sub`, a client certificate's
+identity) starts with `user:`, the namespace of end users a trusted key acts for
+(`x-chatstream-user`). Code UNAUTHENTICATED. Do not retry: issue the credential
+for another subject.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -458,7 +470,10 @@ class ChatRequest(_message.Message):
     conversation: _builtins.str
     """Optional. `conversations/{conversation}` to continue; empty starts a new conversation."""
     text: _builtins.str
-    """Required. The user's message: 1 to 32,768 characters, no NUL bytes."""
+    """Required. The user's message: 1 to 32,768 characters, no NUL bytes. The prompt holds it,
+    the system prompt and the conversation's earlier turns, newest first, as many as fit the
+    server's character budget (CHATSTREAM_CONTEXT_MAX_CHARS); every accepted message fits.
+    """
     request_id: _builtins.str
     """Optional. Idempotency key, unique per caller (a UUID4 is recommended; at most
     128 characters of [A-Za-z0-9._:-]). Reusing it with the same message replays
