@@ -1,4 +1,4 @@
-"""Delta coalescing: text produced faster than it can be written is joined, never delayed.
+"""Coalescing: what is produced faster than it can be written is joined, never delayed.
 
 The model's reader puts each delta as it arrives; the call's writer takes batches. A
 delta that arrives while no write is in flight is handed over at once, so an idle stream
@@ -6,13 +6,17 @@ holds nothing back. Deltas that arrive while a write is in flight (a slow client
 server) are joined into the next batch: under load that cuts the number of gRPC
 messages, and their per-message CPU, without adding latency when idle. Every delta put
 is kept in ``produced``, written or not, so a turn that ends early stores exactly what
-the model produced.
+the model produced. ``Outbox`` does the same for a turn's numbered events on their way to
+the call that started it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+
+from server.domain import Sequenced, TextDelta
+from server.errors import ChatError
 
 
 class DeltaCoalescer:
@@ -57,3 +61,60 @@ class DeltaCoalescer:
                 yield text
             elif self._closed:
                 return
+
+
+class Outbox:
+    """The produced events on their way to the call that started the turn.
+
+    Deltas that pile up while the call writes (a slow client, a busy server) are joined
+    into one TextDelta with the number of the last and the offset of the first.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[Sequenced] = []
+        self._arrived = asyncio.Event()
+        self._closed = False
+        self._error: ChatError | None = None
+
+    def put(self, item: Sequenced) -> None:
+        """Adds an event; never waits."""
+        self._waiting.append(item)
+        self._arrived.set()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called."""
+        return self._closed
+
+    def close(self, error: ChatError | None = None) -> None:
+        """No more events; the reader raises ``error`` once it has the rest."""
+        self._error = error
+        self._closed = True
+        self._arrived.set()
+
+    async def items(self) -> AsyncIterator[Sequenced]:
+        """The events, joined under back-pressure; raises the failure the turn ended with."""
+        while True:
+            if not self._waiting and not self._closed:
+                await self._arrived.wait()
+                self._arrived.clear()
+            if self._waiting:
+                batch, self._waiting = self._waiting, []
+                for item in _joined(batch):
+                    yield item
+            elif self._closed:
+                if self._error is not None:
+                    raise self._error
+                return
+
+
+def _joined(batch: list[Sequenced]) -> list[Sequenced]:
+    joined: list[Sequenced] = []
+    for item in batch:
+        last = joined[-1] if joined else None
+        if last is not None and isinstance(last.event, TextDelta) and isinstance(item.event, TextDelta):
+            text = last.event.text + item.event.text
+            joined[-1] = Sequenced(item.seq, TextDelta(text=text, offset=last.event.offset))
+        else:
+            joined.append(item)
+    return joined

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from server import live
-from server.db import turn_store
+from server.db import lease_store
 from server.db.engine import Database
 from server.domain import Sequenced, TextDelta, Turn, TurnCompleted
 from server.errors import classify
@@ -70,7 +70,7 @@ class TurnLeases:
         if not turn_ids:
             return
         async with self._database.autocommit("renew leases") as conn:
-            await turn_store.renew_leases(conn, turn_ids=turn_ids, lease=self.lease)
+            await lease_store.renew_leases(conn, turn_ids=turn_ids, lease=self.lease)
 
     async def renew_forever(self) -> None:
         """Renews every third of the lease; a dead process stops renewing, which is the point."""
@@ -121,12 +121,12 @@ async def interrupt_expired(
     what this misses).
     """
     async with database.autocommit("find expired turns") as conn:
-        expired = await turn_store.find_expired(conn, limit=limit, conversation_id=conversation_id)
+        expired = await lease_store.find_expired(conn, limit=limit, conversation_id=conversation_id)
     if not expired:
         return []
     remains = [await _remains(redis, turn_id) for turn_id in expired]
     async with database.autocommit("interrupt expired turns") as conn:
-        ended = await turn_store.interrupt(conn, remains)
+        ended = await lease_store.interrupt(conn, remains)
     for turn in ended:
         await _append_terminal(redis, turn, ttl_s=live_ttl_s)
     if ended:
@@ -139,14 +139,14 @@ async def interrupt_expired(
     return ended
 
 
-async def _remains(redis: aioredis.Redis, turn_id: uuid.UUID) -> turn_store.Remains:
+async def _remains(redis: aioredis.Redis, turn_id: uuid.UUID) -> lease_store.Remains:
     try:
         events = await live.read_after(redis, turn_id, 0)
     except (RedisError, OSError) as exc:
         logger.warning("live log of turn %s unreadable (%s); its partial reply is lost", turn_id, exc)
         events = []
     text = "".join(e.event.text for e in events if isinstance(e.event, TextDelta))
-    return turn_store.Remains(turn_id=turn_id, text=text, last_seq=(events[-1].seq if events else 1) + 1)
+    return lease_store.Remains(turn_id=turn_id, text=text, last_seq=(events[-1].seq if events else 1) + 1)
 
 
 async def _append_terminal(redis: aioredis.Redis, turn: Turn, *, ttl_s: float) -> None:

@@ -16,14 +16,13 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from server.coalescer import DeltaCoalescer
+from server.coalescer import DeltaCoalescer, Outbox
 from server.config import Settings
 from server.context import ContextStore
 from server.db import turn_store
@@ -59,58 +58,6 @@ class TurnEnding:
     error_reason: str | None
     last_seq: int
     """The number of the terminal event."""
-
-
-class Outbox:
-    """The produced events on their way to the call that started the turn.
-
-    Deltas that pile up while the call writes (a slow client, a busy server) are joined
-    into one TextDelta with the number of the last and the offset of the first.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: list[Sequenced] = []
-        self._arrived = asyncio.Event()
-        self._closed = False
-        self._error: ChatError | None = None
-
-    def put(self, item: Sequenced) -> None:
-        """Adds an event; never waits."""
-        self._waiting.append(item)
-        self._arrived.set()
-
-    def close(self, error: ChatError | None = None) -> None:
-        """No more events; the reader raises ``error`` once it has the rest."""
-        self._error = error
-        self._closed = True
-        self._arrived.set()
-
-    async def items(self) -> AsyncIterator[Sequenced]:
-        """The events, joined under back-pressure; raises the failure the turn ended with."""
-        while True:
-            if not self._waiting and not self._closed:
-                await self._arrived.wait()
-                self._arrived.clear()
-            if self._waiting:
-                batch, self._waiting = self._waiting, []
-                for item in _joined(batch):
-                    yield item
-            elif self._closed:
-                if self._error is not None:
-                    raise self._error
-                return
-
-
-def _joined(batch: list[Sequenced]) -> list[Sequenced]:
-    joined: list[Sequenced] = []
-    for item in batch:
-        last = joined[-1] if joined else None
-        if last is not None and isinstance(last.event, TextDelta) and isinstance(item.event, TextDelta):
-            text = last.event.text + item.event.text
-            joined[-1] = Sequenced(item.seq, TextDelta(text=text, offset=last.event.offset))
-        else:
-            joined.append(item)
-    return joined
 
 
 class Production:
@@ -229,6 +176,12 @@ class Producer:
                 else:
                     ending = reply.ending(TurnStatus.COMPLETED, None, production)
                     await self._end(production, history, ending, emit)
+        except BaseException as exc:
+            # Recording the outcome itself failed (the database stayed away past every
+            # retry): the turn is left to its lease, and the caller must not wait forever.
+            if not production.outbox.closed:
+                production.outbox.close(None if isinstance(exc, asyncio.CancelledError) else classify(exc))
+            raise
         finally:
             self._metrics.active_streams.dec()
             if live is not None:

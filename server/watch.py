@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from server import live
-from server.db import repository, turn_store
+from server.db import lease_store, repository, turn_store
 from server.db.engine import Database
 from server.domain import Sequenced, TextDelta, Turn, TurnCompleted, TurnStarted
 from server.errors import ErrorReason, NotFoundError
@@ -121,7 +121,7 @@ class TurnWatcher:
     async def _reload(self, turn: Turn) -> Turn:
         """The turn's row again; a turn whose producer died is ended INTERRUPTED first."""
         async with self._database.autocommit("find turn") as conn:
-            expired = await turn_store.lease_expired(conn, turn.id)
+            expired = await lease_store.lease_expired(conn, turn.id)
         if expired:
             await interrupt_expired(
                 self._database,

@@ -48,7 +48,7 @@ async def _all_terminal(db: asyncpg.Connection, expected: int | None = None) -> 
 async def test_cancels_at_random_moments_from_zero_end_every_turn_cancelled_at_once(
     server: ChatServer, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
-    calls = 60
+    calls = 200  # issue 15: 200 cancels from 0 ms
     for _ in range(calls):
         fake.script(Stream(_REPLY, delay_s=0.002))
     rng = random.Random(20261201)

@@ -278,13 +278,16 @@ def resume_delay_s(
 ) -> float | None:
     """How long to wait before going on with a stream that failed, or `None` to give up.
 
-    Before the turn is known, only `Chat`'s own retry rule applies. Once it is known, an
-    UNAVAILABLE (a dropped connection, a server gone) resumes the turn with `WatchTurn`
+    Before the turn is known, only `Chat`'s own retry rule applies. Once it is known, a
+    transport UNAVAILABLE (a dropped connection, a server gone) resumes the turn with `WatchTurn`
     after the last event seen, on whichever server answers, up to `policy.max_attempts`.
     """
     if not position.turn:
         return chat_retry_delay_s(policy, attempt=attempt, events_received=0, error=error, deadline=deadline)
-    if error.code is not grpc.StatusCode.UNAVAILABLE or attempt >= policy.max_attempts:
+    # An UNAVAILABLE the server sent itself carries an ErrorInfo reason: the turn failed
+    # (the model was unavailable) and is stored so. Only a transport failure, which has
+    # none, means the turn may still be going on elsewhere.
+    if error.code is not grpc.StatusCode.UNAVAILABLE or error.reason or attempt >= policy.max_attempts:
         return None
     delay_s = policy.backoff_s(attempt)
     remaining_s = deadline.remaining_s()
