@@ -268,7 +268,7 @@ class ChatServer:
         readiness = ReadinessMonitor(
             health=self._health,
             services=(SERVICE_NAME,),
-            probes=(file_descriptor_probe(settings.min_free_fds), database_probe(database.engine)),
+            probes=(file_descriptor_probe(settings.min_free_fds), database_probe(database)),
             interval_s=settings.readiness_interval_s,
             metrics=self.metrics,
         )

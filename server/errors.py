@@ -32,10 +32,10 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import ClassVar, Final
 
-import asyncpg.exceptions
 import redis.exceptions
-import sqlalchemy.exc
 from chatstream.v1.chat_service_pb2 import ErrorReason
+
+from server.db.outages import is_database_outage
 
 REASON_PREFIX: Final = "ERROR_REASON_"
 """What the proto's enum values carry and ``ErrorInfo.reason`` does not (buf's enum naming rule)."""
@@ -207,44 +207,6 @@ def classify(exc: BaseException) -> ChatError:
             "storage is temporarily unavailable", metadata={"dependency": "postgresql"}
         )
     return InternalError("internal error")
-
-
-# asyncpg errors meaning "the server is gone, restarting or refusing connections":
-# connection failures (SQLSTATE class 08) and operator intervention (57P01-57P03);
-# no connection slot left (53300); a database not accepting connections (55000, e.g.
-# ALLOW_CONNECTIONS false during maintenance); a primary that became a read-only
-# standby in a failover (25006). All of them pass once the database is back, so
-# they are retried like a refused connection (ConnectionRefusedError is an OSError).
-_OUTAGE_ERRORS = (
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
-    asyncpg.exceptions.ReadOnlySQLTransactionError,
-    asyncpg.exceptions.InterfaceError,
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,
-    ConnectionError,
-    OSError,
-)
-
-
-def is_database_outage(exc: BaseException) -> bool:
-    """True when ``exc`` means PostgreSQL is unreachable, not that a statement is wrong.
-
-    SQLAlchemy wraps asyncpg's exceptions, so the whole cause chain is searched.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
-            return True
-        if isinstance(current, _OUTAGE_ERRORS):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 __all__ = [

@@ -26,9 +26,9 @@ from typing import Final
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import Gauge
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.config import Settings
+from server.db.engine import Database
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ _DATABASE_PROBE_TIMEOUT_S: Final = 2.0
 # Descriptors a process needs besides its client connections: listeners, the event loop,
 # logs, TLS files, the metrics endpoint, a child's pipes.
 _FD_BASELINE: Final = 64
-# Connections per pool: the ORM engine's pool plus its overflow, and the asyncpg pool.
-_DB_CONNECTIONS_PER_POOL_SIZE: Final = 3
+# A process has one pool of db_pool_size connections (server/db/engine.py).
+_DB_CONNECTIONS_PER_POOL_SIZE: Final = 1
 _REDIS_CONNECTIONS: Final = 256
 
 
@@ -129,21 +129,18 @@ class ReadinessMonitor:
             await self._health.set(service, status)
 
 
-def database_probe(engine: AsyncEngine) -> Probe:
-    """Fails while a connection from ``engine``'s pool cannot run ``SELECT 1`` within 2 s.
+def database_probe(database: Database) -> Probe:
+    """Fails while the process's pool cannot hand out a live connection within 2 s.
 
     The pool pre-pings, so a connection PostgreSQL dropped is replaced, and only a
-    server that refuses or ignores new connections fails the probe. The statement goes
-    to the driver connection, outside any SQLAlchemy transaction, so the probe never
-    shows up in the transaction log (CHATSTREAM_LOG_TRANSACTIONS) as a BEGIN/ROLLBACK.
+    server that refuses or ignores new connections fails the probe. No transaction is
+    begun, so the probe never shows up in the transaction log.
     """
 
     async def probe() -> str | None:
         try:
-            async with asyncio.timeout(_DATABASE_PROBE_TIMEOUT_S), engine.connect() as conn:
-                driver = (await conn.get_raw_connection()).driver_connection
-                assert driver is not None  # a checked-out connection always has one
-                await driver.fetchval("SELECT 1")
+            async with asyncio.timeout(_DATABASE_PROBE_TIMEOUT_S):
+                await database.ping()
         except Exception as exc:  # noqa: BLE001 - any failure to reach it is the answer
             logger.info("database probe failed: %s", exc.__class__.__name__)
             return POSTGRESQL

@@ -78,6 +78,11 @@ class Database:
             log_transactions=settings.log_transactions,
         )
 
+    async def ping(self) -> None:
+        """Checks out a connection, which the pool pre-pings, and returns it; raises if PostgreSQL is away."""
+        async with self.engine.connect():
+            pass
+
     async def dispose(self) -> None:
         """Closes every pooled connection."""
         await self.engine.dispose()
