@@ -1,6 +1,6 @@
 """``chatstream`` / ``python -m server``: run the service (migrate, serve, consume, dev) and operate it.
 
-The operator and client commands (chat, conversations, lag, dlq, new-key) live in `server.cli`;
+The operator and client commands (chat, conversations, watch, lag, dlq, new-key) live in `server.cli`;
 the client ones need only a server address, the Redis ones only CHATSTREAM_REDIS_URL, and both
 find a `chatstream dev` running for the working directory by themselves.
 """
@@ -50,6 +50,7 @@ _LAZY_COMMANDS: Final = {
     "dlq": "server.cli.dlq:dlq",
     "lag": "server.cli.lag:lag",
     "new-key": "server.cli.keys:new_key",
+    "watch": "server.cli.watch:watch",
 }
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import uuid
 
 import asyncpg
+from chatstream import AsyncChatClient
 
 from server.app import ChatServer
 from server.config import Settings
@@ -122,3 +125,22 @@ async def test_chat_failures_print_one_line_with_code_and_reason(
     assert unknown.returncode == 1
     assert unknown.stderr.startswith("Error: NOT_FOUND CONVERSATION_NOT_FOUND: ")
     assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+async def test_watch_follows_a_conversations_new_turns_live(
+    server: ChatServer, settings: Settings, fake: FakeAnthropic
+) -> None:
+    fake.script(Stream(["first"]), Stream(["second ", "turn"]))
+    async with AsyncChatClient(server.address) as client:
+        first = await client.chat_reply("one")
+        with Terminal(
+            "watch", first.conversation, "--target", server.address, env=settings_env(settings)
+        ) as term:
+            await term.expect("watching")
+            await asyncio.sleep(0.5)  # the watch's reader is waiting for the next turn
+            second = await client.chat_reply("two", conversation=first.conversation)
+            await term.expect(r"--- " + re.escape(second.turn))
+            await term.expect("second turn")
+            await term.expect("--- end")
+            term.send("\x03")
+            await term.wait()
