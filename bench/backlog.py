@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 
 from bench.common import body_text, first_token
 from server.constants import turns_stream
-from server.db.repository import message_id
+from server.db.message_store import message_id
 from server.domain import Role, Turn, TurnStatus, Usage
 from server.publisher import shard_for
 from server.turn_codec import encode_turn
