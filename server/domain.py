@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import uuid
 from dataclasses import dataclass
@@ -73,6 +74,32 @@ class Turn:
     last_seq: int | None = None
     """The number of the turn's terminal event, once it ended (None for turns that ended
     before events were numbered by the producer)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnEnding:
+    """How a turn ended and what it produced: everything unit of work 2 stores."""
+
+    status: TurnStatus
+    text: str
+    stop_reason: str | None
+    usage: Usage
+    model: str
+    error_reason: str | None
+    last_seq: int
+    """The number of the terminal event."""
+
+    def applied_to(self, turn: Turn) -> Turn:
+        """``turn`` as it reads once this ending is stored."""
+        return dataclasses.replace(
+            turn,
+            status=self.status,
+            assistant_text=self.text,
+            stop_reason=self.stop_reason,
+            usage=self.usage,
+            model=self.model,
+            last_seq=self.last_seq,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

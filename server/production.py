@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from typing import Final, Protocol
 
 import redis.asyncio as aioredis
@@ -27,7 +25,17 @@ from server.config import Settings
 from server.context import ContextStore
 from server.db import turn_store
 from server.db.engine import Database
-from server.domain import Exchange, Sequenced, TextDelta, Turn, TurnCompleted, TurnStarted, TurnStatus, Usage
+from server.domain import (
+    Exchange,
+    Sequenced,
+    TextDelta,
+    Turn,
+    TurnCompleted,
+    TurnEnding,
+    TurnStarted,
+    TurnStatus,
+    Usage,
+)
 from server.errors import ChatError, StorageUnavailableError, classify
 from server.leases import TurnLeases
 from server.live import LiveWriter
@@ -44,20 +52,6 @@ _FINISH_RETRY_DELAYS_S: Final = (0.2, 0.5, 1.0, 2.0, 4.0)
 _PUBLISH_TIMEOUT_S: Final = 2.0
 # The longest the upstream reader runs before it yields to the event loop.
 _MAX_READER_STEP_S: Final = 0.002
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TurnEnding:
-    """How a turn ended and what it produced: everything unit of work 2 stores."""
-
-    status: TurnStatus
-    text: str
-    stop_reason: str | None
-    usage: Usage
-    model: str
-    error_reason: str | None
-    last_seq: int
-    """The number of the terminal event."""
 
 
 class Production:
@@ -279,15 +273,7 @@ class Producer:
         if stored is None:
             # The conversation was deleted while the reply streamed: nothing to relay, but
             # the caller still learns how its turn ended.
-            return dataclasses.replace(
-                turn,
-                status=ending.status,
-                assistant_text=ending.text,
-                stop_reason=ending.stop_reason,
-                usage=ending.usage,
-                model=ending.model,
-                last_seq=ending.last_seq,
-            )
+            return ending.applied_to(turn)
         self._metrics.turns.labels(stored.status.value).inc()
         self._metrics.output_tokens.inc(stored.usage.output_tokens)
         await self._publish_and_cache(stored, history)
@@ -296,17 +282,7 @@ class Producer:
     async def _store(self, turn: Turn, ending: TurnEnding) -> Turn | None:
         for delay in (*_FINISH_RETRY_DELAYS_S, None):
             try:
-                return await turn_store.store_outcome(
-                    self._database,
-                    turn_id=turn.id,
-                    status=ending.status,
-                    assistant_text=ending.text,
-                    stop_reason=ending.stop_reason,
-                    usage=ending.usage,
-                    model=ending.model,
-                    error_reason=ending.error_reason,
-                    last_seq=ending.last_seq,
-                )
+                return await turn_store.store_outcome(self._database, turn_id=turn.id, ending=ending)
             except Exception as exc:
                 if delay is None or not isinstance(classify(exc), StorageUnavailableError):
                     raise

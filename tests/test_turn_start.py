@@ -17,8 +17,8 @@ from server.config import Settings
 from server.db import turn_store
 from server.db.engine import Database
 from server.db.turn_store import Busy, ConversationNotFound, Existing, Started, TurnRequest
+from server.domain import TurnEnding, Usage
 from server.domain import TurnStatus as DomainStatus
-from server.domain import Usage
 from tests.conftest import StartServer
 from tests.fake_anthropic import FakeAnthropic, Gate, Stream
 
@@ -48,17 +48,16 @@ def _request(**overrides: object) -> TurnRequest:
 
 
 async def _end(database: Database, turn_id: uuid.UUID) -> None:
-    await turn_store.store_outcome(
-        database,
-        turn_id=turn_id,
+    ending = TurnEnding(
         status=DomainStatus.COMPLETED,
-        assistant_text="hi",
+        text="hi",
         stop_reason="end_turn",
         usage=Usage(),
         model="claude-test",
         error_reason=None,
         last_seq=3,
     )
+    await turn_store.store_outcome(database, turn_id=turn_id, ending=ending)
 
 
 async def test_a_new_conversation_and_a_next_turn_are_started_and_numbered(

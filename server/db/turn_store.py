@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from server.db import rows
 from server.db.engine import Database, Executor
 from server.db.tables import Base, ConversationRow, TurnRow
-from server.domain import Exchange, Turn, TurnStatus, Usage
+from server.domain import Exchange, Turn, TurnEnding, TurnStatus
 
 _TURNS: Final = Base.metadata.tables["chat.turns"]
 
@@ -236,37 +236,26 @@ def _start_statement(
     return statement, params
 
 
-async def store_outcome(
-    database: Database,
-    *,
-    turn_id: uuid.UUID,
-    status: TurnStatus,
-    assistant_text: str,
-    stop_reason: str | None,
-    usage: Usage,
-    model: str,
-    error_reason: str | None,
-    last_seq: int | None,
-) -> Turn | None:
+async def store_outcome(database: Database, *, turn_id: uuid.UUID, ending: TurnEnding) -> Turn | None:
     """Unit of work 2 in one statement: the stored turn, or None if it is gone (deleted).
 
-    ``model`` is the model that answered, as the upstream reported it; ``last_seq`` the
-    number of the turn's terminal event. A turn that is no longer STREAMING (the sweeper
-    interrupted it) is returned as stored.
+    ``ending.model`` is the model that answered, as the upstream reported it;
+    ``ending.last_seq`` the number of the turn's terminal event. A turn that is no longer
+    STREAMING (the sweeper interrupted it) is returned as stored.
     """
     async with database.autocommit("store outcome") as conn:
         result = await conn.execute(
             _STORE_OUTCOME,
             {
                 "turn_id": turn_id,
-                "assistant_text": assistant_text,
-                "status": status.value,
-                "stop_reason": stop_reason,
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "model": model,
-                "error_reason": error_reason,
-                "last_seq": last_seq,
+                "assistant_text": ending.text,
+                "status": ending.status.value,
+                "stop_reason": ending.stop_reason,
+                "input_tokens": ending.usage.input_tokens,
+                "output_tokens": ending.usage.output_tokens,
+                "model": ending.model,
+                "error_reason": ending.error_reason,
+                "last_seq": ending.last_seq,
             },
         )
         row = result.mappings().first()
