@@ -66,6 +66,8 @@ class TurnWatcher:
     async def follow(self, turn: Turn, *, after_seq: int, after_offset: int, emit: Emit) -> None:
         """Sends every event of ``turn`` after ``after_seq``, then follows it live until its end."""
         seq, offset = after_seq, after_offset
+        if turn.status.terminal and turn.last_seq is not None and seq >= turn.last_seq:
+            return  # the caller has every event already, the terminal one included
         if (self._live_log and not turn.status.terminal) or await self._live_covers(turn, seq):
             try:
                 async for batch in live.follow(self._redis, turn.id, seq, block_ms=_SILENCE_MS):

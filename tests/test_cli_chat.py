@@ -13,7 +13,7 @@ from server.app import ChatServer
 from server.config import Settings
 from tests.conftest import StartServer, eventually
 from tests.fake_anthropic import Error, FakeAnthropic, Stream
-from tests.processes import settings_env
+from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
 from tests.terminal import Terminal, run_cli
 
 PROMPT = r"> "
@@ -144,3 +144,37 @@ async def test_watch_follows_a_conversations_new_turns_live(
             await term.expect("--- end")
             term.send("\x03")
             await term.wait()
+
+
+async def test_chat_survives_a_server_restart_mid_reply(settings: Settings, fake: FakeAnthropic) -> None:
+    """kill -9 of the server mid-reply, a new one on the same port: the terminal goes on.
+
+    The SDK resumes the turn with WatchTurn on the new process; the turn's producer died, so
+    once its lease expires the turn ends INTERRUPTED with the partial reply its live log kept,
+    and the next message works.
+    """
+    address = f"127.0.0.1:{free_port()}"
+    env = settings_env(settings, CHATSTREAM_LISTEN=address, CHATSTREAM_TURN_LEASE_S="2")
+    first = ChatstreamProcess(["serve"], env)
+    second: ChatstreamProcess | None = None
+    try:
+        wait_for_port(address, process=first)
+        fake.script(Stream(["Partial", " answer"], then="stall"))
+        with Terminal("chat", "--target", address, env=settings_env(settings)) as term:
+            await term.expect(PROMPT)
+            term.send("Tell me everything\r")
+            await term.expect("Partial answer")
+            first.kill()
+            second = ChatstreamProcess(["serve"], env)
+            wait_for_port(address, process=second)
+            await term.expect(r"\[turn INTERRUPTED\]", timeout_s=30)
+            await term.expect(PROMPT)
+            term.send("Still there?\r")
+            await term.expect(REPLY)
+            await term.expect(PROMPT)
+            term.send("\x04")
+            assert await term.wait() == 0
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

@@ -59,6 +59,9 @@ class RetryPolicy:
     """Cap on the upper bound of any wait."""
     backoff_multiplier: float = 2.0
     """Growth of the upper bound from one retry to the next."""
+    resume_window: timedelta = timedelta(seconds=30)
+    """How long a stream whose turn is known keeps trying to resume after its connection
+    failed (a server restarting, a failover), waiting at most `max_backoff` between tries."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -244,16 +247,19 @@ class ResumePoint:
     Everything a `WatchTurn` needs to go on from there, on whichever server answers.
     """
 
-    __slots__ = ("completed", "offset", "seq", "turn")
+    __slots__ = ("completed", "failing_since", "offset", "seq", "turn")
 
     def __init__(self, turn: str = "", *, seq: int = 0, offset: int = 0) -> None:
         self.turn = turn
         self.seq = seq
         self.offset = offset
         self.completed = False
+        self.failing_since: float | None = None
+        """When the attempts to go on began failing (monotonic clock); None while events flow."""
 
     def accept(self, event: chat_service_pb2.TurnEvent) -> bool:
         """Takes the next event; False for one already seen (a resume may overlap)."""
+        self.failing_since = None
         if self.seq and event.seq <= self.seq:
             return False
         self.seq = event.seq
@@ -280,14 +286,19 @@ def resume_delay_s(
 
     Before the turn is known, only `Chat`'s own retry rule applies. Once it is known, a
     transport UNAVAILABLE (a dropped connection, a server gone) resumes the turn with `WatchTurn`
-    after the last event seen, on whichever server answers, up to `policy.max_attempts`.
+    after the last event seen, on whichever server answers, for up to `policy.resume_window`.
     """
     if not position.turn:
         return chat_retry_delay_s(policy, attempt=attempt, events_received=0, error=error, deadline=deadline)
     # An UNAVAILABLE the server sent itself carries an ErrorInfo reason: the turn failed
     # (the model was unavailable) and is stored so. Only a transport failure, which has
     # none, means the turn may still be going on elsewhere.
-    if error.code is not grpc.StatusCode.UNAVAILABLE or error.reason or attempt >= policy.max_attempts:
+    if error.code is not grpc.StatusCode.UNAVAILABLE or error.reason:
+        return None
+    now = time.monotonic()
+    if position.failing_since is None:
+        position.failing_since = now
+    if now - position.failing_since > policy.resume_window.total_seconds():
         return None
     delay_s = policy.backoff_s(attempt)
     remaining_s = deadline.remaining_s()
