@@ -1,13 +1,13 @@
-"""Coalescing: what is produced faster than it can be written is joined, never delayed.
+"""Coalescing: what is produced faster than it can be read is joined, never delayed.
 
-The model's reader puts each delta as it arrives; the call's writer takes batches. A
-delta that arrives while no write is in flight is handed over at once, so an idle stream
-holds nothing back. Deltas that arrive while a write is in flight (a slow client, a busy
-server) are joined into the next batch: under load that cuts the number of gRPC
-messages, and their per-message CPU, without adding latency when idle. Every delta put
-is kept in ``produced``, written or not, so a turn that ends early stores exactly what
-the model produced. ``Outbox`` does the same for a turn's numbered events on their way to
-the call that started it.
+A turn's producer numbers each delta as the model sends it and hands it over without
+waiting. A reader that is idle gets it at once, so an idle stream holds nothing back.
+Deltas that arrive while the reader is busy (a gRPC write in flight for a slow client or a
+busy server, a Redis pipeline in flight for the live log) are joined into one: the text of
+all, the number (``seq``) of the last, the offset of the first. Under load that cuts the
+number of messages, and their per-message CPU, without adding latency when idle; numbers
+then skip, which the proto allows. What the model produced is kept by the producer
+(``server/production.py``), not here, so a turn that ends early stores all of it.
 """
 
 from __future__ import annotations
@@ -17,50 +17,6 @@ from collections.abc import AsyncIterator
 
 from server.domain import Sequenced, TextDelta
 from server.errors import ChatError
-
-
-class DeltaCoalescer:
-    """One turn's hand-over from the reader (``put``/``close``) to the writer (``batches``)."""
-
-    def __init__(self) -> None:
-        self._parts: list[str] = []
-        self._waiting: list[str] = []
-        self._arrived = asyncio.Event()
-        self._closed = False
-
-    def put(self, text: str) -> None:
-        """Adds a delta; the writer gets it with the next batch."""
-        self._parts.append(text)
-        self._waiting.append(text)
-        self._arrived.set()
-
-    def close(self) -> None:
-        """No more deltas: ``batches`` ends once the waiting ones are taken."""
-        self._closed = True
-        self._arrived.set()
-
-    @property
-    def produced(self) -> str:
-        """All the text put so far, whether or not it was written."""
-        return "".join(self._parts)
-
-    @property
-    def started(self) -> bool:
-        """Whether any text was put yet."""
-        return bool(self._parts)
-
-    async def batches(self) -> AsyncIterator[str]:
-        """Yields the text waiting since the last batch; waits only when nothing is waiting."""
-        while True:
-            if not self._waiting and not self._closed:
-                await self._arrived.wait()
-                self._arrived.clear()
-            if self._waiting:
-                text = "".join(self._waiting)
-                self._waiting.clear()
-                yield text
-            elif self._closed:
-                return
 
 
 class Outbox:
@@ -100,7 +56,7 @@ class Outbox:
                 self._arrived.clear()
             if self._waiting:
                 batch, self._waiting = self._waiting, []
-                for item in _joined(batch):
+                for item in join_deltas(batch):
                     yield item
             elif self._closed:
                 if self._error is not None:
@@ -108,7 +64,8 @@ class Outbox:
                 return
 
 
-def _joined(batch: list[Sequenced]) -> list[Sequenced]:
+def join_deltas(batch: list[Sequenced]) -> list[Sequenced]:
+    """Consecutive TextDeltas as one: the text of all, the number of the last, the offset of the first."""
     joined: list[Sequenced] = []
     for item in batch:
         last = joined[-1] if joined else None

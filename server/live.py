@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.typing import EncodableT, FieldT
 
+from server.coalescer import join_deltas
 from server.constants import LIVE_KEY_PREFIX
 from server.domain import Sequenced, TextDelta, TurnCompleted, TurnStarted, TurnStatus, Usage
 
@@ -159,7 +160,8 @@ class LiveWriter:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), _IDLE_TICK_S)
                 self._wake.clear()
-            batch, self._pending = self._pending, []
+            # The deltas that piled up during the last pipeline become one entry.
+            batch, self._pending = join_deltas(self._pending), []
             cancelled = await self._write(batch)
             if cancelled:
                 self._on_cancel()

@@ -20,7 +20,7 @@ from typing import Final, Protocol
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from server.coalescer import DeltaCoalescer, Outbox
+from server.coalescer import Outbox
 from server.config import Settings
 from server.context import ContextStore
 from server.db import turn_store
@@ -152,7 +152,7 @@ class Producer:
                             before_seq=turn.seq,
                             text_chars=len(turn.user_text),
                         )
-                        await self._number(production, history, reply, emit, began)
+                        await self._read(production, history, reply, emit, began)
                 except asyncio.CancelledError:
                     # The client left (CANCEL), CancelTurn, or the server is stopping.
                     reason = production.cancel_reason or "CANCELLED"
@@ -181,58 +181,40 @@ class Producer:
             if live is not None:
                 await live.close()
 
-    async def _number(
+    async def _read(
         self, production: Production, history: list[Exchange], reply: _Reply, emit: _Emit, began: float
     ) -> None:
-        """Numbers the reply's deltas as the reader hands them over; a child task reads upstream."""
-        turn = production.turn
-        reader = asyncio.create_task(
-            self._read(turn, history, reply, began), name=f"upstream reader {turn.id}"
-        )
-        try:
-            offset = 0
-            async for text in reply.text.batches():
-                emit(Sequenced(production.seq + 1, TextDelta(text=text, offset=offset)))
-                offset += len(text)
-            await reader  # raises what the upstream raised
-        finally:
-            if not reader.done():
-                reader.cancel()
-                # The reader's own cancellation is expected; ours, if any, propagates after.
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+        """Reads the model's reply, numbering each delta as it arrives; closes the upstream however it ends.
 
-    async def _read(self, turn: Turn, history: list[Exchange], reply: _Reply, began: float) -> None:
-        """Reads the model's reply into ``reply``; closes the upstream stream however it ends."""
+        Each delta is handed to the outbox and the live log at once; both join what piles up
+        while their reader is busy, so nothing waits here and an idle stream holds nothing back.
+        """
+        turn = production.turn
         deltas = self._metrics.text_deltas
-        try:
-            # aclosing: a cancellation must close the upstream HTTP stream now, not
-            # whenever the generator is garbage-collected (I8).
-            async with contextlib.aclosing(
-                self._llm.stream_reply(history=history, text=turn.user_text)
-            ) as parts:
-                step_ends = time.monotonic() + _MAX_READER_STEP_S
-                async for part in parts:
-                    match part:
-                        case str():
-                            if not reply.text.started:
-                                self._metrics.time_to_first_token.labels("upstream").observe(
-                                    asyncio.get_running_loop().time() - began
-                                )
-                            reply.text.put(part)
-                            deltas.inc()
-                        case ReplyStarted():
-                            reply.started = part
-                        case ReplyEnded():
-                            reply.ended = part
-                    if time.monotonic() >= step_ends:
-                        # A fast upstream's reply is parsed from buffered bytes without ever
-                        # suspending: let the other calls (a new call's unit of work 1,
-                        # other streams' writes) run in between.
-                        await asyncio.sleep(0)
-                        step_ends = time.monotonic() + _MAX_READER_STEP_S
-        finally:
-            reply.text.close()
+        # aclosing: a cancellation must close the upstream HTTP stream now, not whenever
+        # the generator is garbage-collected (I8).
+        async with contextlib.aclosing(self._llm.stream_reply(history=history, text=turn.user_text)) as parts:
+            step_ends = time.monotonic() + _MAX_READER_STEP_S
+            async for part in parts:
+                match part:
+                    case str():
+                        if not reply.parts:
+                            self._metrics.time_to_first_token.labels("upstream").observe(
+                                asyncio.get_running_loop().time() - began
+                            )
+                        emit(Sequenced(production.seq + 1, TextDelta(text=part, offset=reply.offset)))
+                        reply.add(part)
+                        deltas.inc()
+                    case ReplyStarted():
+                        reply.started = part
+                    case ReplyEnded():
+                        reply.ended = part
+                if time.monotonic() >= step_ends:
+                    # A fast upstream's reply is parsed from buffered bytes without ever
+                    # suspending: let the other calls (a new call's unit of work 1, other
+                    # streams' writes) run in between.
+                    await asyncio.sleep(0)
+                    step_ends = time.monotonic() + _MAX_READER_STEP_S
 
     async def _end(
         self,
@@ -331,17 +313,25 @@ class _Reply:
     """What the model has produced for one turn so far."""
 
     def __init__(self, *, model: str) -> None:
-        self.text = DeltaCoalescer()
+        self.parts: list[str] = []
+        """Every delta the model produced, written to anyone or not."""
+        self.offset = 0
+        """Characters produced so far: where the next delta starts."""
         self.started: ReplyStarted | None = None
         self.ended: ReplyEnded | None = None
         self._model = model
+
+    def add(self, text: str) -> None:
+        """Keeps a produced delta."""
+        self.parts.append(text)
+        self.offset += len(text)
 
     def ending(self, status: TurnStatus, error_reason: str | None, production: Production) -> TurnEnding:
         """The outcome to store if the turn ends now, with ``status``."""
         last = self.ended or self.started
         return TurnEnding(
             status=status,
-            text=self.text.produced,
+            text="".join(self.parts),
             stop_reason=None if self.ended is None else self.ended.stop_reason,
             usage=Usage() if last is None else last.usage,
             model=self._model if self.started is None else self.started.model,

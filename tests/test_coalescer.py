@@ -1,80 +1,85 @@
-"""The delta coalescer on its own: joined under back-pressure, nothing held when idle, nothing lost."""
+"""Coalescing on its own: joined under back-pressure, nothing held when idle, nothing lost or reordered."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import uuid
 
-from server.coalescer import DeltaCoalescer
+import pytest
 
-
-async def test_an_idle_stream_hands_over_each_delta_at_once() -> None:
-    coalescer = DeltaCoalescer()
-    batches = coalescer.batches()
-    for word in ("one", "two", "three"):
-        coalescer.put(word)
-        # The writer is idle: the delta is there on the very next step, alone.
-        assert await asyncio.wait_for(anext(batches), timeout=1) == word
-    coalescer.close()
-    assert [b async for b in batches] == []
+from server.coalescer import Outbox, join_deltas
+from server.domain import Sequenced, TextDelta, TurnCompleted, TurnStarted, TurnStatus, Usage
+from server.errors import UpstreamUnavailableError
 
 
-async def test_deltas_that_arrive_during_a_write_are_joined_into_the_next_batch() -> None:
-    coalescer = DeltaCoalescer()
-    written: list[str] = []
+def _delta(seq: int, text: str, offset: int) -> Sequenced:
+    return Sequenced(seq, TextDelta(text=text, offset=offset))
+
+
+def _texts(items: list[Sequenced]) -> list[tuple[int, str, int]]:
+    return [(i.seq, i.event.text, i.event.offset) for i in items if isinstance(i.event, TextDelta)]
+
+
+async def test_an_idle_reader_gets_each_event_at_once() -> None:
+    outbox = Outbox()
+    items = outbox.items()
+    offset = 0
+    for seq, word in enumerate(("one", "two", "three"), start=2):
+        outbox.put(_delta(seq, word, offset))
+        offset += len(word)
+        # The reader is idle: the delta is there on the very next step, alone and unchanged.
+        item = await asyncio.wait_for(anext(items), timeout=1)
+        assert _texts([item]) == [(seq, word, offset - len(word))]
+    outbox.close()
+    assert [i async for i in items] == []
+
+
+async def test_deltas_that_arrive_during_a_write_are_joined_with_the_last_seq_and_first_offset() -> None:
+    outbox = Outbox()
+    written: list[Sequenced] = []
     write_started = asyncio.Event()
     release_write = asyncio.Event()
 
     async def slow_writer() -> None:
-        async for text in coalescer.batches():
-            written.append(text)
+        async for item in outbox.items():
+            written.append(item)
             write_started.set()
             await release_write.wait()
             release_write.clear()
 
     writer = asyncio.create_task(slow_writer())
-    coalescer.put("a")
+    outbox.put(_delta(2, "a", 0))
     await write_started.wait()
     # While "a" is being written, three more deltas pile up.
-    for text in ("b", "c", "d"):
-        coalescer.put(text)
+    for seq, (text, offset) in enumerate((("b", 1), ("c", 2), ("d", 3)), start=3):
+        outbox.put(_delta(seq, text, offset))
     write_started.clear()
     release_write.set()
     await write_started.wait()
-    coalescer.close()
+    outbox.close()
     release_write.set()
     await writer
-    assert written == ["a", "bcd"]
-    assert coalescer.produced == "abcd"
+    assert _texts(written) == [(2, "a", 0), (5, "bcd", 1)]
 
 
-async def test_text_put_but_never_written_is_accounted_for_when_the_writer_is_cancelled() -> None:
-    coalescer = DeltaCoalescer()
-    written: list[str] = []
-    stuck = asyncio.Event()
-
-    async def writer_that_blocks() -> None:
-        async for text in coalescer.batches():
-            written.append(text)
-            await stuck.wait()  # a client that stopped reading
-
-    writer = asyncio.create_task(writer_that_blocks())
-    coalescer.put("part one, ")
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    coalescer.put("part two")
-    writer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await writer
-    assert written == ["part one, "]
-    assert coalescer.produced == "part one, part two"
-    assert coalescer.started
+def test_only_consecutive_deltas_are_joined_and_order_is_kept() -> None:
+    started = Sequenced(1, TurnStarted(conversation_id=uuid.uuid4(), turn_id=uuid.uuid4()))
+    done = Sequenced(
+        5, TurnCompleted(status=TurnStatus.COMPLETED, stop_reason="end_turn", usage=Usage(), model="m")
+    )
+    joined = join_deltas([started, _delta(2, "x", 0), _delta(3, "y", 1), _delta(4, "z", 2), done])
+    assert joined[0] is started
+    assert _texts(joined) == [(4, "xyz", 0)]
+    assert joined[-1] is done
+    assert "".join(i.event.text for i in joined if isinstance(i.event, TextDelta)) == "xyz"
 
 
-async def test_close_ends_the_batches_after_what_is_waiting() -> None:
-    coalescer = DeltaCoalescer()
-    assert not coalescer.started
-    coalescer.put("x")
-    coalescer.put("y")
-    coalescer.close()
-    assert [b async for b in coalescer.batches()] == ["xy"]
+async def test_a_failure_reaches_the_reader_after_the_events_before_it() -> None:
+    outbox = Outbox()
+    outbox.put(_delta(2, "partial", 0))
+    outbox.close(UpstreamUnavailableError("the model is temporarily unavailable"))
+    items = outbox.items()
+    assert _texts([await anext(items)]) == [(2, "partial", 0)]
+    with pytest.raises(UpstreamUnavailableError):
+        await anext(items)
+    assert outbox.closed
