@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from pathlib import Path
 
@@ -78,7 +77,7 @@ class DevServer:
             self._stack.push_async_callback(demo_server.close)
             api_key = "demo"
         dev_key = dev_api_key(data_dir)
-        settings = Settings(
+        settings = Settings.from_fields(
             auth_mode=AuthMode.REQUIRED,
             # The dev key may act for users, so x-chatstream-user can be tried out.
             api_keys=(ApiKeyEntry(subject=DEV_SUBJECT, sha256=hash_api_key(dev_key), act_for_users=True),),
@@ -94,7 +93,7 @@ class DevServer:
         if demo:
             # Asked for by its own name, so that every turn (its row, completed.model) names
             # the model that answered rather than a Claude model that did not.
-            settings = dataclasses.replace(settings, model=DEMO_MODEL)
+            settings = settings.with_overrides(model=DEMO_MODEL)
         server = ChatServer(settings)
         # The consumer starts first so that it stops last: turns the server records while
         # it stops are still read.

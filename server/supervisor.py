@@ -76,7 +76,11 @@ def serve_workers(settings: Settings, *, workers: int) -> int:
     check_settings(settings, workers=workers)
     command = [sys.executable, "-m", "server", "serve", "--workers", "1"]
     environs = [
-        worker_environ(os.environ, index=index, metrics_listen=metrics_listen(settings.metrics_listen, index))
+        worker_environ(
+            os.environ,
+            index=index,
+            metrics_listen=metrics_listen(settings.observability.metrics_listen, index),
+        )
         for index in range(workers)
     ]
     return runtime.run(Supervisor(command, environs).run())
@@ -94,10 +98,10 @@ def check_settings(settings: Settings, *, workers: int) -> None:
     """
     if sys.platform != "linux":
         raise SettingsError(f"--workers {workers} needs Linux (SO_REUSEPORT balancing, PR_SET_PDEATHSIG)")
-    _, sep, port = settings.listen.rpartition(":")
+    _, sep, port = settings.server.listen.rpartition(":")
     if not sep or not port.isdigit():
         raise SettingsError(
-            f"--workers {workers} needs CHATSTREAM_LISTEN as host:port, got {settings.listen!r}"
+            f"--workers {workers} needs CHATSTREAM_LISTEN as host:port, got {settings.server.listen!r}"
         )
     if int(port) == 0:
         raise SettingsError(
@@ -105,7 +109,7 @@ def check_settings(settings: Settings, *, workers: int) -> None:
             "would listen on a port of its own"
         )
     for index in range(workers):
-        metrics_listen(settings.metrics_listen, index)
+        metrics_listen(settings.observability.metrics_listen, index)
 
     from server import tls
     from server.auth import CredentialVerifier
@@ -113,7 +117,7 @@ def check_settings(settings: Settings, *, workers: int) -> None:
 
     CredentialVerifier(settings)
     tls.server_credentials(settings)
-    check_model_reachable(settings)
+    check_model_reachable(settings.llm)
 
 
 def metrics_listen(base: str, index: int) -> str:

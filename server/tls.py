@@ -26,7 +26,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     Raises:
         SettingsError: a half-configured or unreadable TLS setup; never silently plaintext.
     """
-    cert, key, client_ca = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    cert, key, client_ca = (
+        settings.tls.tls_cert_file,
+        settings.tls.tls_key_file,
+        settings.tls.tls_client_ca_file,
+    )
     if cert is None and key is None:
         if client_ca is not None:
             raise SettingsError(
