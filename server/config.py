@@ -2,9 +2,9 @@
 
 Settings come in groups, one frozen dataclass each (database, redis, llm, ...), and each component
 takes its own group. Every field declares its environment variable, and for numbers its lower
-bound, beside its default, as ``field(metadata=env(...))``; one loader, `Settings.from_env`, reads
-every group from those declarations, so a variable is spelled once. tests/test_settings.py checks
-the README's settings table and docs/ against the declarations.
+bound, beside its default, as ``field(metadata=env(...))``; one loader (server/envvars.py) reads
+every group from those declarations, so a variable is spelled once. tests/test_settings.py
+checks the README's settings table and docs/ against the declarations.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from server import constants
-
-
-class SettingsError(ValueError):
-    """An environment variable is missing or malformed."""
+from server.envvars import EnvVar, env, env_var, load_group, split_list
+from server.envvars import SettingsError as SettingsError  # re-exported: callers catch it from here
 
 
 class AuthMode(enum.StrEnum):
@@ -46,32 +44,21 @@ class ApiKeyEntry:
     """Whether calls with this key may name an end user in ``x-chatstream-user``."""
 
 
-_DEFAULT: typing.Final = object()
-"""Marks "unset means the field's default" (dataclasses.MISSING would mean "no default")."""
+_API_KEY_ENTRY = re.compile(r"([A-Za-z0-9._@-]{1,128}):([0-9a-f]{64})(:act_for_users)?")
 
 
-@dataclass(frozen=True, slots=True)
-class EnvVar:
-    """How one settings field is read from the environment: declared beside the field."""
-
-    name: str
-    """The variable, e.g. ``CHATSTREAM_MAX_STREAMS``."""
-    minimum: float | None = None
-    """Smallest accepted value of a number; for a float, None means "greater than zero"."""
-    example: str = ""
-    """For a required variable (a field without default): the shape of a value, for the error."""
-    unset: object = _DEFAULT
-    """The value when the variable is unset or empty, where that differs from the field's default."""
-
-
-_ENV_KEY: typing.Final = "chatstream.env"
-
-
-def env(
-    name: str, *, minimum: float | None = None, example: str = "", unset: object = _DEFAULT
-) -> Mapping[str, EnvVar]:
-    """A field's ``metadata``: the variable it is read from, and its bounds."""
-    return {_ENV_KEY: EnvVar(name=name, minimum=minimum, example=example, unset=unset)}
+def _api_keys(name: str, raw: str) -> tuple[ApiKeyEntry, ...]:
+    entries: list[ApiKeyEntry] = []
+    for item in split_list(raw):
+        match = _API_KEY_ENTRY.fullmatch(item)
+        if match is None:
+            # Never echo the entry: an operator may have pasted a key instead of its hash.
+            raise SettingsError(
+                f"{name}: entry {len(entries) + 1} is not subject:sha256hex[:act_for_users] "
+                "(see chatstream new-key)"
+            )
+        entries.append(ApiKeyEntry(subject=match[1], sha256=match[2], act_for_users=match[3] is not None))
+    return tuple(entries)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,7 +181,9 @@ class AuthSettings:
     """``required`` or ``none``. The dataclass default is ``none`` so that tests and embedded use
     keep the single-owner behaviour; unset in the environment it is ``required``, so a production
     ``chatstream serve`` refuses to start without credentials unless told otherwise."""
-    api_keys: tuple[ApiKeyEntry, ...] = field(default=(), metadata=env("CHATSTREAM_API_KEYS"))
+    api_keys: tuple[ApiKeyEntry, ...] = field(
+        default=(), metadata=env("CHATSTREAM_API_KEYS", parse=_api_keys)
+    )
     """Accepted API keys: comma-separated ``subject:sha256hex[:act_for_users]``."""
     jwt_hs256_secret: str | None = field(
         default=None, repr=False, metadata=env("CHATSTREAM_JWT_HS256_SECRET")
@@ -414,8 +403,7 @@ def _group_of_field() -> dict[str, str]:
         for f in dataclasses.fields(group):  # type: ignore[arg-type]  # every group is a dataclass
             if f.name in owner:
                 raise TypeError(f"settings field {f.name!r} is in both {owner[f.name]} and {group_name}")
-            if _ENV_KEY not in f.metadata:
-                raise TypeError(f"settings field {group_name}.{f.name} declares no environment variable")
+            env_var(f)  # raises if it declares none
             owner[f.name] = group_name
     return owner
 
@@ -427,113 +415,4 @@ def declared_variables() -> Iterator[tuple[str, dataclasses.Field[object], EnvVa
     """Every declared variable: its group's name in Settings, its field and its declaration."""
     for group_name, group in _GROUPS.items():
         for f in dataclasses.fields(group):  # type: ignore[arg-type]  # every group is a dataclass
-            yield group_name, f, f.metadata[_ENV_KEY]
-
-
-_G = typing.TypeVar("_G")
-
-
-def load_group(group: type[_G], environ: Mapping[str, str]) -> _G:
-    """One settings group read from ``environ`` by its fields' declarations.
-
-    An unset or empty variable keeps the field's default (or its declared ``unset`` value).
-
-    Raises:
-        SettingsError: A variable is missing or malformed; the message names it.
-    """
-    hints = typing.get_type_hints(group)
-    values: dict[str, object] = {}
-    for f in dataclasses.fields(group):  # type: ignore[arg-type]  # every group is a dataclass
-        var: EnvVar = f.metadata[_ENV_KEY]
-        raw = environ.get(var.name, "")
-        if raw != "":
-            values[f.name] = _parse(var, hints[f.name], raw)
-        elif var.unset is not _DEFAULT:
-            values[f.name] = var.unset
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SettingsError(f"{var.name} is not set ({var.example})")
-    return group(**values)
-
-
-def _parse(var: EnvVar, kind: object, raw: str) -> object:
-    if kind is int:
-        return _int(var.name, raw, minimum=int(var.minimum or 0))
-    if kind is float:
-        return _float(var.name, raw, minimum=var.minimum)
-    if kind is bool:
-        return _bool(var.name, raw)
-    if kind is str or kind == str | None:
-        return raw
-    if kind == tuple[str, ...]:
-        return _list(raw)
-    if kind == tuple[ApiKeyEntry, ...]:
-        return _api_keys(var.name, raw)
-    if isinstance(kind, type) and issubclass(kind, enum.StrEnum):
-        return _choice(var.name, raw, kind)
-    raise TypeError(f"{var.name}: no parser for settings of type {kind}")
-
-
-def _int(name: str, raw: str, *, minimum: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _float(name: str, raw: str, *, minimum: float | None = None) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if minimum is None and value <= 0:
-        raise SettingsError(f"{name} must be positive, got {value}")
-    if minimum is not None and value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-_TRUE: frozenset[str] = frozenset({"1", "true", "yes", "on"})
-_FALSE: frozenset[str] = frozenset({"0", "false", "no", "off"})
-
-
-def _bool(name: str, raw: str) -> bool:
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise SettingsError(f"{name} must be true or false, got {raw!r}")
-
-
-_E = typing.TypeVar("_E", bound=enum.StrEnum)
-
-
-def _choice(name: str, raw: str, kind: type[_E]) -> _E:
-    try:
-        return kind(raw.lower())
-    except ValueError:
-        allowed = "|".join(member.value for member in kind)
-        raise SettingsError(f"{name} must be one of {allowed}, got {raw!r}") from None
-
-
-def _list(raw: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-_API_KEY_ENTRY = re.compile(r"([A-Za-z0-9._@-]{1,128}):([0-9a-f]{64})(:act_for_users)?")
-
-
-def _api_keys(name: str, raw: str) -> tuple[ApiKeyEntry, ...]:
-    entries: list[ApiKeyEntry] = []
-    for item in _list(raw):
-        match = _API_KEY_ENTRY.fullmatch(item)
-        if match is None:
-            # Never echo the entry: an operator may have pasted a key instead of its hash.
-            raise SettingsError(
-                f"{name}: entry {len(entries) + 1} is not subject:sha256hex[:act_for_users] "
-                "(see chatstream new-key)"
-            )
-        entries.append(ApiKeyEntry(subject=match[1], sha256=match[2], act_for_users=match[3] is not None))
-    return tuple(entries)
+            yield group_name, f, env_var(f)

@@ -273,9 +273,8 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
         next(t for t in turns.values() if t.user_text == "bad"), assistant_text="nul \x00 inside"
     )
     for turn in (good_turn, bad_turn):
-        await redis.xadd(
-            turns_stream(shard_for(turn.conversation_id, settings.redis.shards)), encode_turn(turn)
-        )  # type: ignore[arg-type]
+        stream = turns_stream(shard_for(turn.conversation_id, settings.redis.shards))
+        await redis.xadd(stream, encode_turn(turn))  # type: ignore[arg-type]
 
     database = Database.from_settings(settings.database)
     redis_client = create_redis(settings.redis)

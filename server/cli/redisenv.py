@@ -16,8 +16,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 
 from server import constants
-from server.config import RedisSettings, SettingsError, load_group
+from server.config import RedisSettings, SettingsError
 from server.devenv import read_dev_env
+from server.envvars import load_group
 from server.redis_client import create_redis
 
 
