@@ -411,6 +411,17 @@ def _group_of_field() -> dict[str, str]:
 _GROUP_OF_FIELD: typing.Final = _group_of_field()
 
 
+def variable_of(field_name: str) -> str:
+    """The environment variable of a Settings field, named flat (``"metrics_listen"``).
+
+    Raises:
+        KeyError: No group has a field of that name.
+    """
+    group = _GROUPS[_GROUP_OF_FIELD[field_name]]
+    field_ = next(f for f in dataclasses.fields(group) if f.name == field_name)  # type: ignore[arg-type]
+    return env_var(field_).name
+
+
 def declared_variables() -> Iterator[tuple[str, dataclasses.Field[object], EnvVar]]:
     """Every declared variable: its group's name in Settings, its field and its declaration."""
     for group_name, group in _GROUPS.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 from server import constants
 from server.app import ChatServer
 from server.auth import hash_api_key, new_api_key
-from server.config import ApiKeyEntry, AuthMode, Settings
+from server.config import ApiKeyEntry, AuthMode, Settings, variable_of
 from server.consumer.process import ConsumerProcess
 from server.db.migrate import upgrade_async
 from server.demo_model import DEMO_MODEL, DemoModelServer
@@ -88,7 +88,7 @@ class DevServer:
             anthropic_base_url=base_url,
             shutdown_grace_s=2.0,
             consumer_name="dev-consumer",
-            metrics_listen=os.environ.get("CHATSTREAM_METRICS_LISTEN", "127.0.0.1:0"),
+            metrics_listen=os.environ.get(variable_of("metrics_listen"), "127.0.0.1:0"),
         )
         if demo:
             # Asked for by its own name, so that every turn (its row, completed.model) names

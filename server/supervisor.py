@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from server import runtime
-from server.config import Settings, SettingsError
+from server.config import Settings, SettingsError, variable_of
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ ENV_WORKERS: Final = "CHATSTREAM_WORKERS"
 """Serving processes `chatstream serve` runs; 1 (the default) serves in-process, without a supervisor."""
 ENV_WORKER_INDEX: Final = "CHATSTREAM_WORKER_INDEX"
 """A worker's index, ``0`` to ``N-1``, set by the supervisor; its log lines carry it as ``worker``."""
-ENV_METRICS_LISTEN: Final = "CHATSTREAM_METRICS_LISTEN"
+ENV_METRICS_LISTEN: Final = variable_of("metrics_listen")
 
 QUICK_EXIT_S: Final = 30.0
 """A worker that exits sooner than this after its start failed to start rather than crashed while serving.

@@ -16,6 +16,7 @@ from server.config import (
     Settings,
     SettingsError,
     declared_variables,
+    variable_of,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,13 +102,25 @@ def test_the_readme_table_shows_each_declared_default() -> None:
                 assert shown.split(" ")[0] == _shown(value), f"{name}: README says {shown}"
 
 
-def test_every_variable_named_in_the_docs_is_declared_or_read_elsewhere() -> None:
-    documents = [README, *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "deploy").rglob("*.y*ml"))]
+def test_every_variable_named_in_the_docs_and_the_server_is_declared_or_read_elsewhere() -> None:
+    documents = [
+        README,
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "deploy").rglob("*.y*ml")),
+        *sorted((ROOT / "server").rglob("*.py")),  # error messages spell names too
+    ]
     declared = set(_declared())
     for document in documents:
         named = {name for name in _NAME.findall(document.read_text()) if name.startswith("CHATSTREAM_")}
         unknown = named - declared - set(READ_ELSEWHERE)
         assert sorted(unknown) == [], f"{document.relative_to(ROOT)} names variables nothing reads"
+
+
+def test_variable_of_names_a_fields_declared_variable() -> None:
+    assert variable_of("metrics_listen") == "CHATSTREAM_METRICS_LISTEN"
+    assert variable_of("database_url") == "CHATSTREAM_DATABASE_URL"
+    with pytest.raises(KeyError):
+        variable_of("metrics")
 
 
 def test_each_variable_read_elsewhere_is_still_there() -> None:
