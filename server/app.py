@@ -155,7 +155,7 @@ class ChatServer:
             self._stack.callback(shutdown_tracing)
         # Credentials, TLS and the model first: a misconfiguration fails before anything is opened.
         verifier = CredentialVerifier(settings)
-        credentials = tls.server_credentials(settings)
+        credentials = tls.server_credentials(settings.tls)
         check_prompt_budget(settings)
         warn_if_too_few_file_descriptors(settings)
         llm = LlmClient(settings.llm)

@@ -116,7 +116,7 @@ def check_settings(settings: Settings, *, workers: int) -> None:
     from server.llm import check_model_reachable
 
     CredentialVerifier(settings)
-    tls.server_credentials(settings)
+    tls.server_credentials(settings.tls)
     check_model_reachable(settings.llm)
 
 

@@ -1,4 +1,4 @@
-"""TLS and mTLS server credentials from Settings."""
+"""TLS and mTLS server credentials from the TLS settings group."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from server.config import Settings, SettingsError
+from server.config import SettingsError, TlsSettings
 
 
 def _read(path: str, variable: str) -> bytes:
@@ -16,7 +16,7 @@ def _read(path: str, variable: str) -> bytes:
         raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror}") from None
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+def server_credentials(settings: TlsSettings) -> grpc.ServerCredentials | None:
     """The port's TLS credentials, or None for plaintext.
 
     With ``tls_client_ca_file`` the handshake requires a client certificate signed by
@@ -26,11 +26,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     Raises:
         SettingsError: a half-configured or unreadable TLS setup; never silently plaintext.
     """
-    cert, key, client_ca = (
-        settings.tls.tls_cert_file,
-        settings.tls.tls_key_file,
-        settings.tls.tls_client_ca_file,
-    )
+    cert, key, client_ca = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
     if cert is None and key is None:
         if client_ca is not None:
             raise SettingsError(

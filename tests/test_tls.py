@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -149,12 +149,14 @@ async def test_mtls_identity_owns_its_data_and_only_allowed_identities_act_for_u
 
 def test_half_configured_tls_is_a_settings_error(settings: Settings, pki: Pki) -> None:
     with pytest.raises(SettingsError, match="set together"):
-        server_credentials(settings.with_overrides(tls_cert_file=str(pki.server_cert)))
+        server_credentials(replace(settings.tls, tls_cert_file=str(pki.server_cert)))
     with pytest.raises(SettingsError, match="needs CHATSTREAM_TLS_CERT_FILE"):
-        server_credentials(settings.with_overrides(tls_client_ca_file=str(pki.ca_file)))
+        server_credentials(replace(settings.tls, tls_client_ca_file=str(pki.ca_file)))
     with pytest.raises(SettingsError, match="cannot read"):
         server_credentials(
-            settings.with_overrides(
-                tls_cert_file=str(pki.directory / "missing.crt"), tls_key_file=str(pki.server_key)
+            replace(
+                settings.tls,
+                tls_cert_file=str(pki.directory / "missing.crt"),
+                tls_key_file=str(pki.server_key),
             )
         )
