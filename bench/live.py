@@ -125,7 +125,7 @@ async def run(resumes: int, watchers: int) -> dict[str, object]:
         FakeAnthropic() as fake,
     ):
         await upgrade_async(services.database_url)
-        settings = Settings(
+        settings = Settings.from_fields(
             database_url=services.database_url,
             redis_url=services.redis_url,
             anthropic_api_key="test",

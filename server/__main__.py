@@ -81,7 +81,7 @@ def migrate() -> None:
     """Migrate the database schema to the latest version."""
     from server.db.migrate import upgrade
 
-    upgrade(_settings().database_url)
+    upgrade(_settings().database.database_url)
     click.echo("database is up to date")
 
 

@@ -63,30 +63,33 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     characters of text is at most ~128 KiB of UTF-8).
     """
     return [
-        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
         # Soft and hard limit alike: above it a call is refused, never randomly.
-        ("grpc.max_metadata_size", settings.max_metadata_bytes),
-        ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.max_metadata_size", settings.limits.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", settings.limits.max_metadata_bytes),
         # Every connection and every stream is bounded, health and reflection included
         # (docs/security.md, "Connections and streams").
-        ("grpc.max_allowed_incoming_connections", settings.max_connections),
-        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
-        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
-        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        ("grpc.max_allowed_incoming_connections", settings.limits.max_connections),
+        ("grpc.max_concurrent_streams", settings.limits.max_streams_per_connection),
+        ("grpc.keepalive_time_ms", _ms(settings.connections.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.connections.keepalive_timeout_s)),
         # In grpc core the unanswered keepalive PING is timed by the ping timeout (one
         # minute by default), not by keepalive_timeout_ms alone: set both.
-        ("grpc.http2.ping_timeout_ms", _ms(settings.keepalive_timeout_s)),
-        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_s)),
-        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)),
-        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_s)),
+        ("grpc.http2.ping_timeout_ms", _ms(settings.connections.keepalive_timeout_s)),
+        ("grpc.max_connection_idle_ms", _ms(settings.connections.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", _ms(settings.connections.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.connections.max_connection_age_grace_s)),
         # Keepalive enforcement: a client pinging more often than this without data, or
         # at all without a call in flight, earns strikes and then a GOAWAY.
-        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_min_ping_interval_s * 1000)),
-        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(settings.connections.keepalive_min_ping_interval_s * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.connections.keepalive_max_ping_strikes),
         ("grpc.keepalive_permit_without_calls", 0),
         # A connection that has not finished its TLS and HTTP/2 handshake by then is closed.
-        ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(settings.connections.handshake_timeout_s * 1000)),
     ]
 
 
@@ -96,10 +99,10 @@ def _ms(seconds: float) -> int:
 
 def _public_stream_cap(settings: Settings) -> PublicStreamCap:
     """Caps the streams anyone may open without a credential: health watches and reflection."""
-    reflection_streams = StreamCount(scope="reflection", limit=settings.max_reflection_streams)
+    reflection_streams = StreamCount(scope="reflection", limit=settings.limits.max_reflection_streams)
     return PublicStreamCap(
         {
-            HEALTH_WATCH: StreamCount(scope="health_watch", limit=settings.max_health_watches),
+            HEALTH_WATCH: StreamCount(scope="health_watch", limit=settings.limits.max_health_watches),
             **dict.fromkeys(REFLECTION_STREAMS, reflection_streams),
         }
     )
@@ -140,7 +143,7 @@ class ChatServer:
     @property
     def address(self) -> str:
         """``host:port`` clients should dial."""
-        host = self._settings.listen.rsplit(":", 1)[0]
+        host = self._settings.server.listen.rsplit(":", 1)[0]
         return f"{host}:{self._port}"
 
     async def start(self) -> None:
@@ -152,14 +155,14 @@ class ChatServer:
             self._stack.callback(shutdown_tracing)
         # Credentials, TLS and the model first: a misconfiguration fails before anything is opened.
         verifier = CredentialVerifier(settings)
-        credentials = tls.server_credentials(settings)
+        credentials = tls.server_credentials(settings.tls)
         check_prompt_budget(settings)
         warn_if_too_few_file_descriptors(settings)
-        llm = LlmClient(settings)
+        llm = LlmClient(settings.llm)
         self._stack.push_async_callback(llm.close)
-        database = Database.from_settings(settings)
+        database = Database.from_settings(settings.database)
         self._stack.push_async_callback(database.dispose)
-        redis = create_redis(settings)
+        redis = create_redis(settings.redis)
         self._stack.push_async_callback(redis.aclose)
         try:
             await check_redis_eviction_policy(redis)
@@ -171,16 +174,16 @@ class ChatServer:
         context = ContextStore(
             redis,
             database,
-            max_turns=settings.context_max_turns,
-            ttl_s=settings.context_cache_ttl_s,
+            max_turns=settings.turns.context_max_turns,
+            ttl_s=settings.turns.context_cache_ttl_s,
             max_chars=history_budget(settings, text_chars=0),
-            max_text_chars=settings.max_text_chars,
+            max_text_chars=settings.turns.max_text_chars,
         )
-        leases = TurnLeases(database, lease=timedelta(seconds=settings.turn_lease_s))
+        leases = TurnLeases(database, lease=timedelta(seconds=settings.turns.turn_lease_s))
         self._leases = leases
         renewals = asyncio.create_task(leases.renew_forever(), name="lease renewal")
         self._stack.push_async_callback(_cancel_and_wait, renewals)
-        publisher = TurnPublisher(redis, shards=settings.shards)
+        publisher = TurnPublisher(redis, shards=settings.redis.shards)
         producer = Producer(
             settings=settings,
             database=database,
@@ -195,8 +198,8 @@ class ChatServer:
             database=database,
             redis=redis,
             publisher=publisher,
-            live_log=settings.live_log,
-            live_ttl_s=settings.live_ttl_s,
+            live_log=settings.turns.live_log,
+            live_ttl_s=settings.turns.live_ttl_s,
         )
         runner = TurnRunner(
             database=database,
@@ -205,7 +208,7 @@ class ChatServer:
             watcher=watcher,
             leases=leases,
             llm_model=llm.model,
-            live_ttl_s=settings.live_ttl_s,
+            live_ttl_s=settings.turns.live_ttl_s,
             metrics=self.metrics,
         )
         servicer = ChatServicer(
@@ -217,25 +220,25 @@ class ChatServer:
             conversations=ConversationService(
                 database,
                 context,
-                default_page_size=settings.default_page_size,
-                max_page_size=settings.max_page_size,
+                default_page_size=settings.limits.default_page_size,
+                max_page_size=settings.limits.max_page_size,
             ),
         )
 
         edge = EdgeInterceptor(
             verifier=verifier,
             limiter=StreamLimiter(
-                max_streams=settings.max_streams,
+                max_streams=settings.limits.max_streams,
                 # With authentication off every call has the same owner; a per-owner cap
                 # would only be a second, lower server cap.
                 max_per_owner=(
-                    settings.max_streams_per_owner
+                    settings.limits.max_streams_per_owner
                     if verifier.mode is AuthMode.REQUIRED
-                    else settings.max_streams
+                    else settings.limits.max_streams
                 ),
             ),
             public_services=PUBLIC_SERVICES,
-            max_metadata_bytes=settings.max_metadata_bytes,
+            max_metadata_bytes=settings.limits.max_metadata_bytes,
         )
         interceptors: list[grpc.aio.ServerInterceptor] = [edge, _public_stream_cap(settings)]
         if tracing_on:
@@ -243,21 +246,21 @@ class ChatServer:
         server = grpc.aio.server(
             options=server_options(settings),
             interceptors=interceptors,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
         )
         chat_service_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(server, [SERVICE_NAME, HEALTH_SERVICE_NAME])
         self._port = (
-            server.add_insecure_port(settings.listen)
+            server.add_insecure_port(settings.server.listen)
             if credentials is None
-            else server.add_secure_port(settings.listen, credentials)
+            else server.add_secure_port(settings.server.listen, credentials)
         )
         if self._port == 0:
-            raise OSError(f"cannot listen on {settings.listen}")
+            raise OSError(f"cannot listen on {settings.server.listen}")
         await server.start()
         self._server = server
-        endpoint = serve_metrics(self.metrics, settings.metrics_listen)
+        endpoint = serve_metrics(self.metrics, settings.observability.metrics_listen)
         if endpoint is not None:
             self.metrics_port = endpoint.port
             self._stack.callback(endpoint.close)
@@ -268,8 +271,8 @@ class ChatServer:
         readiness = ReadinessMonitor(
             health=self._health,
             services=(SERVICE_NAME,),
-            probes=(file_descriptor_probe(settings.min_free_fds), database_probe(database)),
-            interval_s=settings.readiness_interval_s,
+            probes=(file_descriptor_probe(settings.server.min_free_fds), database_probe(database)),
+            interval_s=settings.server.readiness_interval_s,
             metrics=self.metrics,
         )
         monitor = asyncio.create_task(readiness.run(), name="readiness")
@@ -279,7 +282,7 @@ class ChatServer:
             SERVICE_NAME,
             self.address,
             credentials is not None,
-            settings.tls_client_ca_file is not None,
+            settings.tls.tls_client_ca_file is not None,
             verifier.mode,
         )
 
@@ -292,14 +295,14 @@ class ChatServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
+        grace = self._settings.server.shutdown_grace_s if grace_s is None else grace_s
         logger.info("stopping: grace period %.1fs", grace)
         try:
             await self._health.enter_graceful_shutdown()
-            if self._settings.shutdown_drain_s > 0:
+            if self._settings.server.shutdown_drain_s > 0:
                 # Health says NOT_SERVING while calls are still accepted, so load
                 # balancers move traffic away before the port refuses it.
-                await asyncio.sleep(self._settings.shutdown_drain_s)
+                await asyncio.sleep(self._settings.server.shutdown_drain_s)
             began = asyncio.get_running_loop().time()
             if self._server is not None:
                 await self._server.stop(grace)

@@ -149,18 +149,18 @@ class _JwtKeys:
 
     def __init__(self, settings: Settings) -> None:
         self.hs256: bytes | None = None
-        if settings.jwt_hs256_secret is not None:
-            secret = settings.jwt_hs256_secret.encode()
+        if settings.auth.jwt_hs256_secret is not None:
+            secret = settings.auth.jwt_hs256_secret.encode()
             if len(secret) < 32:
                 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
                 raise SettingsError("CHATSTREAM_JWT_HS256_SECRET must be at least 32 bytes")
             self.hs256 = secret
         self.public_key: tuple[str, bytes] | None = None
-        if settings.jwt_public_key_file is not None:
-            self.public_key = _load_public_key(Path(settings.jwt_public_key_file))
+        if settings.auth.jwt_public_key_file is not None:
+            self.public_key = _load_public_key(Path(settings.auth.jwt_public_key_file))
         self.jwks: dict[str, jwt.PyJWK] = {}
-        if settings.jwt_jwks_file is not None:
-            self.jwks = _load_jwks(Path(settings.jwt_jwks_file))
+        if settings.auth.jwt_jwks_file is not None:
+            self.jwks = _load_jwks(Path(settings.auth.jwt_jwks_file))
 
     @property
     def configured(self) -> bool:
@@ -232,18 +232,18 @@ class CredentialVerifier:
 
     def __init__(self, settings: Settings) -> None:
         """Validates the authentication settings; raises SettingsError if they are unusable."""
-        self._mode = settings.auth_mode
-        self._api_keys: tuple[ApiKeyEntry, ...] = settings.api_keys
+        self._mode = settings.auth.auth_mode
+        self._api_keys: tuple[ApiKeyEntry, ...] = settings.auth.api_keys
         for entry in self._api_keys:
             if in_user_namespace(entry.subject):
                 raise SettingsError(f"CHATSTREAM_API_KEYS: subject {entry.subject!r} uses a reserved prefix")
         self._jwt = _JwtKeys(settings)
-        self._jwt_issuer = settings.jwt_issuer
-        self._jwt_audience = settings.jwt_audience
-        self._jwt_leeway_s = settings.jwt_leeway_s
-        self._jwt_act_for_users = frozenset(settings.jwt_act_for_users)
-        self._mtls = settings.tls_client_ca_file is not None
-        self._mtls_act_for_users = frozenset(settings.tls_act_for_users)
+        self._jwt_issuer = settings.auth.jwt_issuer
+        self._jwt_audience = settings.auth.jwt_audience
+        self._jwt_leeway_s = settings.auth.jwt_leeway_s
+        self._jwt_act_for_users = frozenset(settings.auth.jwt_act_for_users)
+        self._mtls = settings.tls.tls_client_ca_file is not None
+        self._mtls_act_for_users = frozenset(settings.tls.tls_act_for_users)
         if self._mode is AuthMode.REQUIRED and not (self._api_keys or self._jwt.configured or self._mtls):
             raise SettingsError(
                 "CHATSTREAM_AUTH_MODE is 'required' but no credential is configured: set "

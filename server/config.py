@@ -1,20 +1,26 @@
-"""Settings: read once from CHATSTREAM_* environment variables, then passed down explicitly."""
+"""Settings: read once from CHATSTREAM_* environment variables, then passed down explicitly.
+
+Settings come in groups, one frozen dataclass each (database, redis, llm, ...), and each component
+takes its own group. Every field declares its environment variable, and for numbers its lower
+bound, beside its default, as ``field(metadata=env(...))``; one loader (server/envvars.py) reads
+every group from those declarations, so a variable is spelled once. tests/test_settings.py
+checks the README's settings table and docs/ against the declarations.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import re
 import socket
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from server import constants
-
-
-class SettingsError(ValueError):
-    """An environment variable is missing or malformed."""
+from server.envvars import EnvVar, env, env_var, load_group, split_list
+from server.envvars import SettingsError as SettingsError  # re-exported: callers catch it from here
 
 
 class AuthMode(enum.StrEnum):
@@ -38,398 +44,12 @@ class ApiKeyEntry:
     """Whether calls with this key may name an end user in ``x-chatstream-user``."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Settings:
-    """Everything the server, consumer and relay need to run."""
-
-    database_url: str = field(repr=False)
-    """SQLAlchemy URL, ``postgresql+asyncpg://user:pass@host/db`` (CHATSTREAM_DATABASE_URL)."""
-    redis_url: str = field(repr=False)
-    """``redis://host:port/db`` or ``unix:///path.sock`` (CHATSTREAM_REDIS_URL)."""
-    listen: str = "127.0.0.1:50051"
-    """gRPC listen address (CHATSTREAM_LISTEN); port 0 picks a free port."""
-
-    anthropic_api_key: str | None = field(default=None, repr=False)
-    """The SDK's own ANTHROPIC_API_KEY; None means dev mode serves the demo model."""
-    anthropic_base_url: str | None = None
-    """The SDK's own ANTHROPIC_BASE_URL; None means the SDK default."""
-    model: str = "claude-sonnet-4-5"
-    """Model id sent upstream (CHATSTREAM_MODEL)."""
-    max_tokens: int = 1024
-    """Upper bound on one reply's tokens (CHATSTREAM_MAX_TOKENS)."""
-    system_prompt: str = ""
-    """System prompt for every turn; empty sends none (CHATSTREAM_SYSTEM_PROMPT)."""
-    llm_timeout_s: float = 60.0
-    """Longest silence allowed from upstream, before or during a reply (CHATSTREAM_LLM_TIMEOUT_S)."""
-    llm_max_retries: int = 2
-    """SDK retries of 429/5xx/connection errors before the first token (CHATSTREAM_LLM_MAX_RETRIES)."""
-
-    shards: int = 4
-    """Number of ``chat:turns:{k}`` streams (CHATSTREAM_SHARDS); changing it re-maps conversations."""
-    context_max_turns: int = 50
-    """Earlier turns sent to the model as context (CHATSTREAM_CONTEXT_MAX_TURNS)."""
-    context_max_chars: int = 100_000
-    """Largest prompt sent upstream, in characters: system prompt, earlier turns and the new
-    message together (CHATSTREAM_CONTEXT_MAX_CHARS). Earlier turns are added newest first while
-    they fit, so the prompt and the cached context stay bounded however long the conversation.
-    Characters, not tokens: about 4 per token in English, down to 1 per token in CJK text. Must
-    hold the longest accepted message plus the system prompt; the server refuses to start otherwise."""
-    context_cache_ttl_s: int = 3600
-    """How long a conversation's context stays cached in Redis (CHATSTREAM_CONTEXT_CACHE_TTL_S)."""
-    max_text_chars: int = 32_768
-    """Longest user message accepted (CHATSTREAM_MAX_TEXT_CHARS)."""
-
-    turn_lease_s: int = 30
-    """Seconds an unrenewed STREAMING turn lives before it counts as interrupted (CHATSTREAM_TURN_LEASE_S).
-
-    The serving process renews its turns every third of this; a turn whose server died
-    becomes INTERRUPTED (and its conversation usable again) about this long after."""
-
-    db_pool_size: int = 10
-    """PostgreSQL connections per process (CHATSTREAM_DB_POOL_SIZE)."""
-    live_log: bool = True
-    """Write each turn's events to its live log in Redis, for WatchTurn, WatchConversation, resuming
-    and CancelTurn from any replica (CHATSTREAM_LIVE_LOG). Off, those serve ended turns from
-    PostgreSQL only."""
-    live_ttl_s: float = 300.0
-    """How long a turn's live log lives after its last event; resuming later is served from
-    PostgreSQL (CHATSTREAM_LIVE_TTL_S)."""
-    live_maxlen: int = 10_000
-    """The most events one turn's live log keeps (CHATSTREAM_LIVE_MAXLEN)."""
-    max_turn_s: float = 600.0
-    """The longest a turn may stream, also when it continues without its client
-    (``ON_DISCONNECT_CONTINUE``); past it the turn ends CANCELLED (CHATSTREAM_MAX_TURN_S)."""
-
-    write_timeout_s: float = 30.0
-    """Longest a stream's event may wait for the client to accept it (HTTP/2 flow control) before
-    the call counts as gone: its turn ends CANCELLED with its partial text and frees its slot
-    (CHATSTREAM_WRITE_TIMEOUT_S)."""
-
-    shutdown_grace_s: float = 10.0
-    """How long in-flight streams may finish after SIGTERM (CHATSTREAM_SHUTDOWN_GRACE_S)."""
-
-    shutdown_drain_s: float = 0.0
-    """After SIGTERM, seconds health reports NOT_SERVING while calls are still accepted, so load
-    balancers stop routing here before the server refuses calls (CHATSTREAM_SHUTDOWN_DRAIN_S)."""
-
-    log_transactions: bool = False
-    """Log BEGIN/COMMIT/ROLLBACK of every unit of work with its duration (CHATSTREAM_LOG_TRANSACTIONS)."""
-
-    metrics_listen: str = ""
-    """``host:port`` of the Prometheus endpoint (/metrics), e.g. ``0.0.0.0:9464``; empty turns
-    it off (CHATSTREAM_METRICS_LISTEN). Port 0 picks a free port."""
-
-    relay_interval_s: float = 5.0
-    """How often the relay looks for unpersisted turns and expired leases (CHATSTREAM_RELAY_INTERVAL_S)."""
-    relay_grace_s: float = 30.0
-    """How long after it ended a turn may stay unpersisted before the relay re-publishes it
-    (CHATSTREAM_RELAY_GRACE_S)."""
-
-    consumer_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    """This consumer's name in the group (CHATSTREAM_CONSUMER_NAME); unique per process."""
-    consumer_batch: int = 200
-    """Entries read per XREADGROUP call (CHATSTREAM_CONSUMER_BATCH)."""
-    consumer_block_ms: int = 1000
-    """How long one XREADGROUP waits for new entries (CHATSTREAM_CONSUMER_BLOCK_MS)."""
-    consumer_max_deliveries: int = 5
-    """Deliveries after which an entry that keeps failing goes to the dead-letter stream
-    (CHATSTREAM_CONSUMER_MAX_DELIVERIES). Outages of PostgreSQL never count toward it."""
-    consumer_claim_idle_ms: int = 30_000
-    """Idle time after which another consumer's pending entry is claimed (XAUTOCLAIM); longer than
-    any batch takes (CHATSTREAM_CONSUMER_CLAIM_IDLE_MS)."""
-
-    # Authentication (docs/security.md). The dataclass default is NONE so tests and embedded
-    # use keep the single-owner behaviour; from_env defaults to REQUIRED, so a production
-    # `chatstream serve` refuses to start without credentials unless told otherwise.
-    auth_mode: AuthMode = AuthMode.NONE
-    """``required`` or ``none`` (CHATSTREAM_AUTH_MODE; ``required`` when unset in the environment)."""
-    api_keys: tuple[ApiKeyEntry, ...] = ()
-    """Accepted API keys (CHATSTREAM_API_KEYS): comma-separated ``subject:sha256hex[:act_for_users]``."""
-    jwt_hs256_secret: str | None = field(default=None, repr=False)
-    """Shared secret of HS256 JWTs, at least 32 bytes (CHATSTREAM_JWT_HS256_SECRET)."""
-    jwt_public_key_file: str | None = None
-    """PEM public key (RSA for RS256, P-256 for ES256) of signed JWTs (CHATSTREAM_JWT_PUBLIC_KEY_FILE)."""
-    jwt_jwks_file: str | None = None
-    """JWKS file of RS256/ES256 keys, chosen by the token's ``kid`` (CHATSTREAM_JWT_JWKS_FILE)."""
-    jwt_issuer: str | None = None
-    """Required ``iss`` of JWTs; None skips the check (CHATSTREAM_JWT_ISSUER)."""
-    jwt_audience: str | None = None
-    """Required ``aud`` of JWTs; None skips the check (CHATSTREAM_JWT_AUDIENCE)."""
-    jwt_leeway_s: int = 30
-    """Clock skew tolerated on ``exp``/``nbf``/``iat`` (CHATSTREAM_JWT_LEEWAY_S)."""
-    jwt_act_for_users: tuple[str, ...] = ()
-    """JWT subjects that may send ``x-chatstream-user`` (CHATSTREAM_JWT_ACT_FOR_USERS, comma-separated)."""
-
-    # TLS (docs/security.md): plaintext unless both the certificate and its key are set.
-    tls_cert_file: str | None = None
-    """PEM certificate chain the server presents (CHATSTREAM_TLS_CERT_FILE)."""
-    tls_key_file: str | None = None
-    """PEM private key of that certificate (CHATSTREAM_TLS_KEY_FILE)."""
-    tls_client_ca_file: str | None = None
-    """PEM CA bundle; when set, clients must present a certificate it signed (mTLS), and a
-    verified certificate authenticates its holder (CHATSTREAM_TLS_CLIENT_CA_FILE)."""
-    tls_act_for_users: tuple[str, ...] = ()
-    """Client-certificate identities (SAN, else CN) that may send ``x-chatstream-user``
-    (CHATSTREAM_TLS_ACT_FOR_USERS, comma-separated)."""
-
-    # Limits on what one peer can make the server hold.
-    max_request_bytes: int = 1024 * 1024
-    """Largest request message accepted (CHATSTREAM_MAX_REQUEST_BYTES)."""
-    max_metadata_bytes: int = 16 * 1024
-    """Largest total of one call's metadata (headers) accepted (CHATSTREAM_MAX_METADATA_BYTES)."""
-    max_streams: int = 1000
-    """Concurrent Chat streams per server process (CHATSTREAM_MAX_STREAMS)."""
-    max_streams_per_owner: int = 32
-    """Concurrent Chat streams per owner and server process (CHATSTREAM_MAX_STREAMS_PER_OWNER);
-    with auth mode ``none`` there is one owner and only ``max_streams`` applies."""
-    keepalive_min_ping_interval_s: float = 10.0
-    """Client pings closer together than this, without data, are strikes
-    (CHATSTREAM_KEEPALIVE_MIN_PING_INTERVAL_S)."""
-    keepalive_max_ping_strikes: int = 2
-    """Strikes after which a connection is closed with GOAWAY (CHATSTREAM_KEEPALIVE_MAX_PING_STRIKES)."""
-    handshake_timeout_s: float = 10.0
-    """Longest a new connection may take to finish its TLS and HTTP/2 handshake
-    (CHATSTREAM_HANDSHAKE_TIMEOUT_S)."""
-    max_connections: int = 1000
-    """Open client connections per server process (CHATSTREAM_MAX_CONNECTIONS); past it a new
-    connection is accepted and closed at once. Keep the process's file-descriptor limit above
-    this plus ``max_streams`` and the database pools (the server warns at start-up otherwise)."""
-    max_streams_per_connection: int = 100
-    """Concurrent calls (HTTP/2 streams) of any service on one connection, advertised as
-    SETTINGS_MAX_CONCURRENT_STREAMS (CHATSTREAM_MAX_STREAMS_PER_CONNECTION); gRPC clients queue
-    calls past it, and a peer that sends them anyway has them reset (RST_STREAM)."""
-    max_concurrent_rpcs: int = 3000
-    """Concurrent calls of every service together, per process (CHATSTREAM_MAX_CONCURRENT_RPCS);
-    past it gRPC answers RESOURCE_EXHAUSTED. Above ``max_streams`` plus the health-watch and
-    reflection caps, so those never starve Chat."""
-    max_health_watches: int = 1000
-    """Concurrent ``grpc.health.v1.Health/Watch`` streams per process (CHATSTREAM_MAX_HEALTH_WATCHES);
-    one more gets RESOURCE_EXHAUSTED / TOO_MANY_STREAMS. Client-side health checking opens one
-    per client channel; load-balancer probes use Check, which is not limited."""
-    max_reflection_streams: int = 64
-    """Concurrent server-reflection streams per process (CHATSTREAM_MAX_REFLECTION_STREAMS)."""
-    keepalive_time_s: float = 60.0
-    """The server pings a connection with calls in flight after this long without traffic
-    (CHATSTREAM_KEEPALIVE_TIME_S)."""
-    keepalive_timeout_s: float = 20.0
-    """A ping unanswered for this long closes the connection and cancels its calls
-    (CHATSTREAM_KEEPALIVE_TIMEOUT_S)."""
-    max_connection_idle_s: float = 300.0
-    """A connection without calls for this long gets GOAWAY (CHATSTREAM_MAX_CONNECTION_IDLE_S);
-    clients reconnect on their next call."""
-    max_connection_age_s: float = 1800.0
-    """A connection older than this (±10 % jitter) gets GOAWAY, so that clients reconnect and
-    load balancers rebalance (CHATSTREAM_MAX_CONNECTION_AGE_S)."""
-    max_connection_age_grace_s: float = 60.0
-    """After that GOAWAY, calls in flight get this long to finish before the connection is
-    closed (CHATSTREAM_MAX_CONNECTION_AGE_GRACE_S)."""
-    readiness_interval_s: float = 5.0
-    """How often the server checks that it can reach PostgreSQL and has file descriptors to
-    spare; health turns NOT_SERVING after two failed checks in a row and SERVING again after one
-    good one (CHATSTREAM_READINESS_INTERVAL_S)."""
-    min_free_fds: int = 64
-    """Free file descriptors below which the process reports itself NOT_SERVING: a Chat needs
-    sockets for the model and the database (CHATSTREAM_MIN_FREE_FDS)."""
-    default_page_size: int = 50
-    """Page size when a list request asks for 0 (CHATSTREAM_DEFAULT_PAGE_SIZE)."""
-    max_page_size: int = 1000
-    """Larger page sizes are lowered to this (CHATSTREAM_MAX_PAGE_SIZE)."""
-
-    log_user_content: bool = False
-    """Whether DEBUG logs may contain users' messages; never in production (CHATSTREAM_LOG_USER_CONTENT)."""
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Builds Settings from the environment; raises SettingsError naming the bad variable."""
-        env = os.environ if environ is None else environ
-        database_url = env.get(constants.ENV_DATABASE_URL, "")
-        redis_url = env.get(constants.ENV_REDIS_URL, "")
-        if not database_url:
-            raise SettingsError(f"{constants.ENV_DATABASE_URL} is not set (postgresql+asyncpg://...)")
-        if not redis_url:
-            raise SettingsError(f"{constants.ENV_REDIS_URL} is not set (redis://host:6379/0)")
-        defaults = cls(database_url="", redis_url="")
-        return cls(
-            database_url=database_url,
-            redis_url=redis_url,
-            listen=env.get(constants.ENV_LISTEN, defaults.listen),
-            anthropic_api_key=env.get("ANTHROPIC_API_KEY") or None,
-            anthropic_base_url=env.get("ANTHROPIC_BASE_URL") or None,
-            model=env.get("CHATSTREAM_MODEL", defaults.model),
-            max_tokens=_int(env, "CHATSTREAM_MAX_TOKENS", defaults.max_tokens, minimum=1),
-            system_prompt=env.get("CHATSTREAM_SYSTEM_PROMPT", defaults.system_prompt),
-            llm_timeout_s=_float(env, "CHATSTREAM_LLM_TIMEOUT_S", defaults.llm_timeout_s),
-            llm_max_retries=_int(env, "CHATSTREAM_LLM_MAX_RETRIES", defaults.llm_max_retries, minimum=0),
-            shards=_int(env, "CHATSTREAM_SHARDS", defaults.shards, minimum=1),
-            context_max_turns=_int(
-                env, "CHATSTREAM_CONTEXT_MAX_TURNS", defaults.context_max_turns, minimum=0
-            ),
-            context_max_chars=_int(
-                env, "CHATSTREAM_CONTEXT_MAX_CHARS", defaults.context_max_chars, minimum=1
-            ),
-            context_cache_ttl_s=_int(
-                env, "CHATSTREAM_CONTEXT_CACHE_TTL_S", defaults.context_cache_ttl_s, minimum=1
-            ),
-            max_text_chars=_int(env, "CHATSTREAM_MAX_TEXT_CHARS", defaults.max_text_chars, minimum=1),
-            turn_lease_s=_int(env, "CHATSTREAM_TURN_LEASE_S", defaults.turn_lease_s, minimum=1),
-            db_pool_size=_int(env, "CHATSTREAM_DB_POOL_SIZE", defaults.db_pool_size, minimum=1),
-            live_log=_bool(env, "CHATSTREAM_LIVE_LOG", defaults.live_log),
-            live_ttl_s=_float(env, "CHATSTREAM_LIVE_TTL_S", defaults.live_ttl_s, minimum=0.1),
-            live_maxlen=_int(env, "CHATSTREAM_LIVE_MAXLEN", defaults.live_maxlen, minimum=10),
-            max_turn_s=_float(env, "CHATSTREAM_MAX_TURN_S", defaults.max_turn_s, minimum=1.0),
-            write_timeout_s=_float(env, "CHATSTREAM_WRITE_TIMEOUT_S", defaults.write_timeout_s, minimum=0.1),
-            shutdown_grace_s=_float(env, "CHATSTREAM_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),
-            shutdown_drain_s=_float(
-                env, "CHATSTREAM_SHUTDOWN_DRAIN_S", defaults.shutdown_drain_s, minimum=0.0
-            ),
-            metrics_listen=env.get("CHATSTREAM_METRICS_LISTEN", defaults.metrics_listen),
-            log_transactions=_bool(env, "CHATSTREAM_LOG_TRANSACTIONS", defaults.log_transactions),
-            relay_interval_s=_float(env, "CHATSTREAM_RELAY_INTERVAL_S", defaults.relay_interval_s),
-            relay_grace_s=_float(env, "CHATSTREAM_RELAY_GRACE_S", defaults.relay_grace_s),
-            consumer_name=env.get("CHATSTREAM_CONSUMER_NAME", defaults.consumer_name),
-            consumer_batch=_int(env, "CHATSTREAM_CONSUMER_BATCH", defaults.consumer_batch, minimum=1),
-            consumer_max_deliveries=_int(
-                env, "CHATSTREAM_CONSUMER_MAX_DELIVERIES", defaults.consumer_max_deliveries, minimum=1
-            ),
-            consumer_claim_idle_ms=_int(
-                env, "CHATSTREAM_CONSUMER_CLAIM_IDLE_MS", defaults.consumer_claim_idle_ms, minimum=1
-            ),
-            consumer_block_ms=_int(
-                env, "CHATSTREAM_CONSUMER_BLOCK_MS", defaults.consumer_block_ms, minimum=1
-            ),
-            auth_mode=_choice(env, "CHATSTREAM_AUTH_MODE", AuthMode, AuthMode.REQUIRED),
-            api_keys=_api_keys(env, "CHATSTREAM_API_KEYS"),
-            jwt_hs256_secret=env.get("CHATSTREAM_JWT_HS256_SECRET") or None,
-            jwt_public_key_file=env.get("CHATSTREAM_JWT_PUBLIC_KEY_FILE") or None,
-            jwt_jwks_file=env.get("CHATSTREAM_JWT_JWKS_FILE") or None,
-            jwt_issuer=env.get("CHATSTREAM_JWT_ISSUER") or None,
-            jwt_audience=env.get("CHATSTREAM_JWT_AUDIENCE") or None,
-            jwt_leeway_s=_int(env, "CHATSTREAM_JWT_LEEWAY_S", defaults.jwt_leeway_s, minimum=0),
-            jwt_act_for_users=_list(env, "CHATSTREAM_JWT_ACT_FOR_USERS"),
-            tls_cert_file=env.get("CHATSTREAM_TLS_CERT_FILE") or None,
-            tls_key_file=env.get("CHATSTREAM_TLS_KEY_FILE") or None,
-            tls_client_ca_file=env.get("CHATSTREAM_TLS_CLIENT_CA_FILE") or None,
-            tls_act_for_users=_list(env, "CHATSTREAM_TLS_ACT_FOR_USERS"),
-            max_request_bytes=_int(
-                env, "CHATSTREAM_MAX_REQUEST_BYTES", defaults.max_request_bytes, minimum=1024
-            ),
-            max_metadata_bytes=_int(
-                env, "CHATSTREAM_MAX_METADATA_BYTES", defaults.max_metadata_bytes, minimum=1024
-            ),
-            max_streams=_int(env, "CHATSTREAM_MAX_STREAMS", defaults.max_streams, minimum=1),
-            max_streams_per_owner=_int(
-                env, "CHATSTREAM_MAX_STREAMS_PER_OWNER", defaults.max_streams_per_owner, minimum=1
-            ),
-            keepalive_min_ping_interval_s=_float(
-                env, "CHATSTREAM_KEEPALIVE_MIN_PING_INTERVAL_S", defaults.keepalive_min_ping_interval_s
-            ),
-            keepalive_max_ping_strikes=_int(
-                env, "CHATSTREAM_KEEPALIVE_MAX_PING_STRIKES", defaults.keepalive_max_ping_strikes, minimum=0
-            ),
-            handshake_timeout_s=_float(env, "CHATSTREAM_HANDSHAKE_TIMEOUT_S", defaults.handshake_timeout_s),
-            max_connections=_int(env, "CHATSTREAM_MAX_CONNECTIONS", defaults.max_connections, minimum=1),
-            max_streams_per_connection=_int(
-                env, "CHATSTREAM_MAX_STREAMS_PER_CONNECTION", defaults.max_streams_per_connection, minimum=1
-            ),
-            max_concurrent_rpcs=_int(
-                env, "CHATSTREAM_MAX_CONCURRENT_RPCS", defaults.max_concurrent_rpcs, minimum=1
-            ),
-            max_health_watches=_int(
-                env, "CHATSTREAM_MAX_HEALTH_WATCHES", defaults.max_health_watches, minimum=0
-            ),
-            max_reflection_streams=_int(
-                env, "CHATSTREAM_MAX_REFLECTION_STREAMS", defaults.max_reflection_streams, minimum=0
-            ),
-            keepalive_time_s=_float(env, "CHATSTREAM_KEEPALIVE_TIME_S", defaults.keepalive_time_s),
-            keepalive_timeout_s=_float(env, "CHATSTREAM_KEEPALIVE_TIMEOUT_S", defaults.keepalive_timeout_s),
-            max_connection_idle_s=_float(
-                env, "CHATSTREAM_MAX_CONNECTION_IDLE_S", defaults.max_connection_idle_s
-            ),
-            max_connection_age_s=_float(
-                env, "CHATSTREAM_MAX_CONNECTION_AGE_S", defaults.max_connection_age_s
-            ),
-            max_connection_age_grace_s=_float(
-                env, "CHATSTREAM_MAX_CONNECTION_AGE_GRACE_S", defaults.max_connection_age_grace_s
-            ),
-            readiness_interval_s=_float(
-                env, "CHATSTREAM_READINESS_INTERVAL_S", defaults.readiness_interval_s
-            ),
-            min_free_fds=_int(env, "CHATSTREAM_MIN_FREE_FDS", defaults.min_free_fds, minimum=0),
-            default_page_size=_int(
-                env, "CHATSTREAM_DEFAULT_PAGE_SIZE", defaults.default_page_size, minimum=1
-            ),
-            max_page_size=_int(env, "CHATSTREAM_MAX_PAGE_SIZE", defaults.max_page_size, minimum=1),
-            log_user_content=_bool(env, "CHATSTREAM_LOG_USER_CONTENT", defaults.log_user_content),
-        )
-
-
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if minimum is None and value <= 0:
-        raise SettingsError(f"{name} must be positive, got {value}")
-    if minimum is not None and value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-_TRUE: frozenset[str] = frozenset({"1", "true", "yes", "on"})
-_FALSE: frozenset[str] = frozenset({"0", "false", "no", "off"})
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise SettingsError(f"{name} must be true or false, got {raw!r}")
-
-
-_E = typing.TypeVar("_E", bound=enum.StrEnum)
-
-
-def _choice(env: Mapping[str, str], name: str, kind: type[_E], default: _E) -> _E:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return kind(raw.lower())
-    except ValueError:
-        allowed = "|".join(member.value for member in kind)
-        raise SettingsError(f"{name} must be one of {allowed}, got {raw!r}") from None
-
-
-def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
-
-
 _API_KEY_ENTRY = re.compile(r"([A-Za-z0-9._@-]{1,128}):([0-9a-f]{64})(:act_for_users)?")
 
 
-def _api_keys(env: Mapping[str, str], name: str) -> tuple[ApiKeyEntry, ...]:
+def _api_keys(name: str, raw: str) -> tuple[ApiKeyEntry, ...]:
     entries: list[ApiKeyEntry] = []
-    for item in _list(env, name):
+    for item in split_list(raw):
         match = _API_KEY_ENTRY.fullmatch(item)
         if match is None:
             # Never echo the entry: an operator may have pasted a key instead of its hash.
@@ -439,3 +59,371 @@ def _api_keys(env: Mapping[str, str], name: str) -> tuple[ApiKeyEntry, ...]:
             )
         entries.append(ApiKeyEntry(subject=match[1], sha256=match[2], act_for_users=match[3] is not None))
     return tuple(entries)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseSettings:
+    """The PostgreSQL database: one engine and one pool per process."""
+
+    database_url: str = field(
+        repr=False, metadata=env(constants.ENV_DATABASE_URL, example="postgresql+asyncpg://...")
+    )
+    """SQLAlchemy URL, ``postgresql+asyncpg://user:pass@host/db``."""
+    db_pool_size: int = field(default=10, metadata=env("CHATSTREAM_DB_POOL_SIZE", minimum=1))
+    """PostgreSQL connections per process."""
+    log_transactions: bool = field(default=False, metadata=env("CHATSTREAM_LOG_TRANSACTIONS"))
+    """Log BEGIN/COMMIT/ROLLBACK of every unit of work with its duration."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedisSettings:
+    """The Redis server: turn streams, live logs, context cache."""
+
+    redis_url: str = field(repr=False, metadata=env(constants.ENV_REDIS_URL, example="redis://host:6379/0"))
+    """``redis://host:port/db`` or ``unix:///path.sock``."""
+    shards: int = field(default=4, metadata=env(constants.ENV_SHARDS, minimum=1))
+    """Number of ``chat:turns:{k}`` streams; changing it re-maps conversations."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LlmSettings:
+    """The upstream model (Anthropic Messages API)."""
+
+    anthropic_api_key: str | None = field(default=None, repr=False, metadata=env("ANTHROPIC_API_KEY"))
+    """The SDK's own ANTHROPIC_API_KEY; None means dev mode serves the demo model."""
+    anthropic_base_url: str | None = field(default=None, metadata=env("ANTHROPIC_BASE_URL"))
+    """The SDK's own ANTHROPIC_BASE_URL; None means the SDK default."""
+    model: str = field(default="claude-sonnet-4-5", metadata=env("CHATSTREAM_MODEL"))
+    """Model id sent upstream."""
+    max_tokens: int = field(default=1024, metadata=env("CHATSTREAM_MAX_TOKENS", minimum=1))
+    """Upper bound on one reply's tokens."""
+    system_prompt: str = field(default="", metadata=env("CHATSTREAM_SYSTEM_PROMPT"))
+    """System prompt for every turn; empty sends none."""
+    llm_timeout_s: float = field(default=60.0, metadata=env("CHATSTREAM_LLM_TIMEOUT_S"))
+    """Longest silence allowed from upstream, before or during a reply."""
+    llm_max_retries: int = field(default=2, metadata=env("CHATSTREAM_LLM_MAX_RETRIES", minimum=0))
+    """SDK retries of 429/5xx/connection errors before the first token."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnsSettings:
+    """What one turn may send, keep and hold: message size, context, leases, live log."""
+
+    max_text_chars: int = field(default=32_768, metadata=env("CHATSTREAM_MAX_TEXT_CHARS", minimum=1))
+    """Longest user message accepted."""
+    context_max_turns: int = field(default=50, metadata=env("CHATSTREAM_CONTEXT_MAX_TURNS", minimum=0))
+    """Earlier turns sent to the model as context."""
+    context_max_chars: int = field(default=100_000, metadata=env("CHATSTREAM_CONTEXT_MAX_CHARS", minimum=1))
+    """Largest prompt sent upstream, in characters: system prompt, earlier turns and the new
+    message together. Earlier turns are added newest first while they fit, so the prompt and the
+    cached context stay bounded however long the conversation.
+    Characters, not tokens: about 4 per token in English, down to 1 per token in CJK text. Must
+    hold the longest accepted message plus the system prompt; the server refuses to start otherwise."""
+    context_cache_ttl_s: int = field(default=3600, metadata=env("CHATSTREAM_CONTEXT_CACHE_TTL_S", minimum=1))
+    """How long a conversation's context stays cached in Redis."""
+    turn_lease_s: int = field(default=30, metadata=env("CHATSTREAM_TURN_LEASE_S", minimum=1))
+    """Seconds an unrenewed STREAMING turn lives before it counts as interrupted.
+
+    The serving process renews its turns every third of this; a turn whose server died
+    becomes INTERRUPTED (and its conversation usable again) about this long after."""
+    max_turn_s: float = field(default=600.0, metadata=env("CHATSTREAM_MAX_TURN_S", minimum=1.0))
+    """The longest a turn may stream, also when it continues without its client
+    (``ON_DISCONNECT_CONTINUE``); past it the turn ends CANCELLED."""
+    write_timeout_s: float = field(default=30.0, metadata=env("CHATSTREAM_WRITE_TIMEOUT_S", minimum=0.1))
+    """Longest a stream's event may wait for the client to accept it (HTTP/2 flow control) before
+    the call counts as gone: its turn ends CANCELLED with its partial text and frees its slot."""
+    live_log: bool = field(default=True, metadata=env("CHATSTREAM_LIVE_LOG"))
+    """Write each turn's events to its live log in Redis, for WatchTurn, WatchConversation, resuming
+    and CancelTurn from any replica. Off, those serve ended turns from PostgreSQL only."""
+    live_ttl_s: float = field(default=300.0, metadata=env("CHATSTREAM_LIVE_TTL_S", minimum=0.1))
+    """How long a turn's live log lives after its last event; resuming later is served from
+    PostgreSQL."""
+    live_maxlen: int = field(default=10_000, metadata=env("CHATSTREAM_LIVE_MAXLEN", minimum=10))
+    """The most events one turn's live log keeps."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsumerSettings:
+    """The persistence consumer and the relay."""
+
+    consumer_name: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        metadata=env("CHATSTREAM_CONSUMER_NAME"),
+    )
+    """This consumer's name in the group; unique per process."""
+    consumer_batch: int = field(default=200, metadata=env("CHATSTREAM_CONSUMER_BATCH", minimum=1))
+    """Entries read per XREADGROUP call."""
+    consumer_block_ms: int = field(default=1000, metadata=env("CHATSTREAM_CONSUMER_BLOCK_MS", minimum=1))
+    """How long one XREADGROUP waits for new entries."""
+    consumer_max_deliveries: int = field(
+        default=5, metadata=env("CHATSTREAM_CONSUMER_MAX_DELIVERIES", minimum=1)
+    )
+    """Deliveries after which an entry that keeps failing goes to the dead-letter stream. Outages
+    of PostgreSQL never count toward it."""
+    consumer_claim_idle_ms: int = field(
+        default=30_000, metadata=env("CHATSTREAM_CONSUMER_CLAIM_IDLE_MS", minimum=1)
+    )
+    """Idle time after which another consumer's pending entry is claimed (XAUTOCLAIM); longer than
+    any batch takes."""
+    relay_interval_s: float = field(default=5.0, metadata=env("CHATSTREAM_RELAY_INTERVAL_S"))
+    """How often the relay looks for unpersisted turns and expired leases."""
+    relay_grace_s: float = field(default=30.0, metadata=env("CHATSTREAM_RELAY_GRACE_S"))
+    """How long after it ended a turn may stay unpersisted before the relay re-publishes it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthSettings:
+    """Authentication (docs/security.md)."""
+
+    auth_mode: AuthMode = field(
+        default=AuthMode.NONE, metadata=env("CHATSTREAM_AUTH_MODE", unset=AuthMode.REQUIRED)
+    )
+    """``required`` or ``none``. The dataclass default is ``none`` so that tests and embedded use
+    keep the single-owner behaviour; unset in the environment it is ``required``, so a production
+    ``chatstream serve`` refuses to start without credentials unless told otherwise."""
+    api_keys: tuple[ApiKeyEntry, ...] = field(
+        default=(), metadata=env("CHATSTREAM_API_KEYS", parse=_api_keys)
+    )
+    """Accepted API keys: comma-separated ``subject:sha256hex[:act_for_users]``."""
+    jwt_hs256_secret: str | None = field(
+        default=None, repr=False, metadata=env("CHATSTREAM_JWT_HS256_SECRET")
+    )
+    """Shared secret of HS256 JWTs, at least 32 bytes."""
+    jwt_public_key_file: str | None = field(default=None, metadata=env("CHATSTREAM_JWT_PUBLIC_KEY_FILE"))
+    """PEM public key (RSA for RS256, P-256 for ES256) of signed JWTs."""
+    jwt_jwks_file: str | None = field(default=None, metadata=env("CHATSTREAM_JWT_JWKS_FILE"))
+    """JWKS file of RS256/ES256 keys, chosen by the token's ``kid``."""
+    jwt_issuer: str | None = field(default=None, metadata=env("CHATSTREAM_JWT_ISSUER"))
+    """Required ``iss`` of JWTs; None skips the check."""
+    jwt_audience: str | None = field(default=None, metadata=env("CHATSTREAM_JWT_AUDIENCE"))
+    """Required ``aud`` of JWTs; None skips the check."""
+    jwt_leeway_s: int = field(default=30, metadata=env("CHATSTREAM_JWT_LEEWAY_S", minimum=0))
+    """Clock skew tolerated on ``exp``/``nbf``/``iat``."""
+    jwt_act_for_users: tuple[str, ...] = field(default=(), metadata=env("CHATSTREAM_JWT_ACT_FOR_USERS"))
+    """JWT subjects that may send ``x-chatstream-user`` (comma-separated)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsSettings:
+    """TLS (docs/security.md): plaintext unless both the certificate and its key are set."""
+
+    tls_cert_file: str | None = field(default=None, metadata=env("CHATSTREAM_TLS_CERT_FILE"))
+    """PEM certificate chain the server presents."""
+    tls_key_file: str | None = field(default=None, metadata=env("CHATSTREAM_TLS_KEY_FILE"))
+    """PEM private key of that certificate."""
+    tls_client_ca_file: str | None = field(default=None, metadata=env("CHATSTREAM_TLS_CLIENT_CA_FILE"))
+    """PEM CA bundle; when set, clients must present a certificate it signed (mTLS), and a
+    verified certificate authenticates its holder."""
+    tls_act_for_users: tuple[str, ...] = field(default=(), metadata=env("CHATSTREAM_TLS_ACT_FOR_USERS"))
+    """Client-certificate identities (SAN, else CN) that may send ``x-chatstream-user``
+    (comma-separated)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsSettings:
+    """Limits on what one peer can make the server hold."""
+
+    max_request_bytes: int = field(
+        default=1024 * 1024, metadata=env("CHATSTREAM_MAX_REQUEST_BYTES", minimum=1024)
+    )
+    """Largest request message accepted."""
+    max_metadata_bytes: int = field(
+        default=16 * 1024, metadata=env("CHATSTREAM_MAX_METADATA_BYTES", minimum=1024)
+    )
+    """Largest total of one call's metadata (headers) accepted."""
+    max_streams: int = field(default=1000, metadata=env("CHATSTREAM_MAX_STREAMS", minimum=1))
+    """Concurrent Chat streams per server process."""
+    max_streams_per_owner: int = field(
+        default=32, metadata=env("CHATSTREAM_MAX_STREAMS_PER_OWNER", minimum=1)
+    )
+    """Concurrent Chat streams per owner and server process;
+    with auth mode ``none`` there is one owner and only ``max_streams`` applies."""
+    max_connections: int = field(default=1000, metadata=env("CHATSTREAM_MAX_CONNECTIONS", minimum=1))
+    """Open client connections per server process; past it a new
+    connection is accepted and closed at once. Keep the process's file-descriptor limit above
+    this plus ``max_streams`` and the database pools (the server warns at start-up otherwise)."""
+    max_streams_per_connection: int = field(
+        default=100, metadata=env("CHATSTREAM_MAX_STREAMS_PER_CONNECTION", minimum=1)
+    )
+    """Concurrent calls (HTTP/2 streams) of any service on one connection, advertised as
+    SETTINGS_MAX_CONCURRENT_STREAMS; gRPC clients queue
+    calls past it, and a peer that sends them anyway has them reset (RST_STREAM)."""
+    max_concurrent_rpcs: int = field(default=3000, metadata=env("CHATSTREAM_MAX_CONCURRENT_RPCS", minimum=1))
+    """Concurrent calls of every service together, per process;
+    past it gRPC answers RESOURCE_EXHAUSTED. Above ``max_streams`` plus the health-watch and
+    reflection caps, so those never starve Chat."""
+    max_health_watches: int = field(default=1000, metadata=env("CHATSTREAM_MAX_HEALTH_WATCHES", minimum=0))
+    """Concurrent ``grpc.health.v1.Health/Watch`` streams per process;
+    one more gets RESOURCE_EXHAUSTED / TOO_MANY_STREAMS. Client-side health checking opens one
+    per client channel; load-balancer probes use Check, which is not limited."""
+    max_reflection_streams: int = field(
+        default=64, metadata=env("CHATSTREAM_MAX_REFLECTION_STREAMS", minimum=0)
+    )
+    """Concurrent server-reflection streams per process."""
+    default_page_size: int = field(default=50, metadata=env("CHATSTREAM_DEFAULT_PAGE_SIZE", minimum=1))
+    """Page size when a list request asks for 0."""
+    max_page_size: int = field(default=1000, metadata=env("CHATSTREAM_MAX_PAGE_SIZE", minimum=1))
+    """Larger page sizes are lowered to this."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionsSettings:
+    """How the server keeps and ends client connections (HTTP/2 keepalive, age, idle)."""
+
+    handshake_timeout_s: float = field(default=10.0, metadata=env("CHATSTREAM_HANDSHAKE_TIMEOUT_S"))
+    """Longest a new connection may take to finish its TLS and HTTP/2 handshake."""
+    keepalive_time_s: float = field(default=60.0, metadata=env("CHATSTREAM_KEEPALIVE_TIME_S"))
+    """The server pings a connection with calls in flight after this long without traffic."""
+    keepalive_timeout_s: float = field(default=20.0, metadata=env("CHATSTREAM_KEEPALIVE_TIMEOUT_S"))
+    """A ping unanswered for this long closes the connection and cancels its calls."""
+    keepalive_min_ping_interval_s: float = field(
+        default=10.0, metadata=env("CHATSTREAM_KEEPALIVE_MIN_PING_INTERVAL_S")
+    )
+    """Client pings closer together than this, without data, are strikes."""
+    keepalive_max_ping_strikes: int = field(
+        default=2, metadata=env("CHATSTREAM_KEEPALIVE_MAX_PING_STRIKES", minimum=0)
+    )
+    """Strikes after which a connection is closed with GOAWAY."""
+    max_connection_idle_s: float = field(default=300.0, metadata=env("CHATSTREAM_MAX_CONNECTION_IDLE_S"))
+    """A connection without calls for this long gets GOAWAY;
+    clients reconnect on their next call."""
+    max_connection_age_s: float = field(default=1800.0, metadata=env("CHATSTREAM_MAX_CONNECTION_AGE_S"))
+    """A connection older than this (±10 % jitter) gets GOAWAY, so that clients reconnect and
+    load balancers rebalance."""
+    max_connection_age_grace_s: float = field(
+        default=60.0, metadata=env("CHATSTREAM_MAX_CONNECTION_AGE_GRACE_S")
+    )
+    """After that GOAWAY, calls in flight get this long to finish before the connection is
+    closed."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSettings:
+    """The serving process: where it listens, how it starts serving and how it stops."""
+
+    listen: str = field(default="127.0.0.1:50051", metadata=env(constants.ENV_LISTEN))
+    """gRPC listen address; port 0 picks a free port."""
+    shutdown_grace_s: float = field(default=10.0, metadata=env("CHATSTREAM_SHUTDOWN_GRACE_S"))
+    """How long in-flight streams may finish after SIGTERM."""
+    shutdown_drain_s: float = field(default=0.0, metadata=env("CHATSTREAM_SHUTDOWN_DRAIN_S", minimum=0.0))
+    """After SIGTERM, seconds health reports NOT_SERVING while calls are still accepted, so load
+    balancers stop routing here before the server refuses calls."""
+    readiness_interval_s: float = field(default=5.0, metadata=env("CHATSTREAM_READINESS_INTERVAL_S"))
+    """How often the server checks that it can reach PostgreSQL and has file descriptors to
+    spare; health turns NOT_SERVING after two failed checks in a row and SERVING again after one
+    good one."""
+    min_free_fds: int = field(default=64, metadata=env("CHATSTREAM_MIN_FREE_FDS", minimum=0))
+    """Free file descriptors below which the process reports itself NOT_SERVING: a Chat needs
+    sockets for the model and the database."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObservabilitySettings:
+    """Metrics and what logs may contain."""
+
+    metrics_listen: str = field(default="", metadata=env("CHATSTREAM_METRICS_LISTEN"))
+    """``host:port`` of the Prometheus endpoint (/metrics), e.g. ``0.0.0.0:9464``; empty turns
+    it off. Port 0 picks a free port."""
+    log_user_content: bool = field(default=False, metadata=env("CHATSTREAM_LOG_USER_CONTENT"))
+    """Whether DEBUG logs may contain users' messages; never in production."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything the server, consumer and relay need to run, one group per concern.
+
+    Field names are unique across groups, so that `with_overrides` can take them flat.
+    """
+
+    database: DatabaseSettings
+    redis: RedisSettings
+    llm: LlmSettings = field(default_factory=LlmSettings)
+    turns: TurnsSettings = field(default_factory=TurnsSettings)
+    consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    connections: ConnectionsSettings = field(default_factory=ConnectionsSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Builds Settings from the environment; raises SettingsError naming the bad variable."""
+        env = os.environ if environ is None else environ
+        return cls(
+            database=load_group(DatabaseSettings, env),
+            redis=load_group(RedisSettings, env),
+            llm=load_group(LlmSettings, env),
+            turns=load_group(TurnsSettings, env),
+            consumer=load_group(ConsumerSettings, env),
+            auth=load_group(AuthSettings, env),
+            tls=load_group(TlsSettings, env),
+            limits=load_group(LimitsSettings, env),
+            connections=load_group(ConnectionsSettings, env),
+            server=load_group(ServerSettings, env),
+            observability=load_group(ObservabilitySettings, env),
+        )
+
+    @classmethod
+    def from_fields(cls, *, database_url: str, redis_url: str, **flat: object) -> Settings:
+        """The defaults with some fields set, named flat whatever their group (see `with_overrides`)."""
+        database, redis = DatabaseSettings(database_url=database_url), RedisSettings(redis_url=redis_url)
+        return cls(database=database, redis=redis).with_overrides(**flat)
+
+    def with_overrides(self, **flat: object) -> Settings:
+        """A copy with some fields replaced, named flat (``max_streams=1``) whatever their group.
+
+        Raises:
+            TypeError: No group has a field of that name.
+        """
+        changes: dict[str, dict[str, object]] = {}
+        for name, value in flat.items():
+            group = _GROUP_OF_FIELD.get(name)
+            if group is None:
+                raise TypeError(f"Settings has no field {name!r}")
+            changes.setdefault(group, {})[name] = value
+        return dataclasses.replace(
+            self,
+            **{
+                group: dataclasses.replace(getattr(self, group), **fields)
+                for group, fields in changes.items()
+            },
+        )
+
+
+_GROUPS: typing.Final[Mapping[str, type[object]]] = {
+    f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings)
+}
+
+
+def _group_of_field() -> dict[str, str]:
+    owner: dict[str, str] = {}
+    for group_name, group in _GROUPS.items():
+        for f in dataclasses.fields(group):  # type: ignore[arg-type]  # every group is a dataclass
+            if f.name in owner:
+                raise TypeError(f"settings field {f.name!r} is in both {owner[f.name]} and {group_name}")
+            env_var(f)  # raises if it declares none
+            owner[f.name] = group_name
+    return owner
+
+
+_GROUP_OF_FIELD: typing.Final = _group_of_field()
+
+
+def variable_of(field_name: str) -> str:
+    """The environment variable of a Settings field, named flat (``"metrics_listen"``).
+
+    Raises:
+        KeyError: No group has a field of that name.
+    """
+    group = _GROUPS[_GROUP_OF_FIELD[field_name]]
+    field_ = next(f for f in dataclasses.fields(group) if f.name == field_name)  # type: ignore[arg-type]
+    return env_var(field_).name
+
+
+def declared_variables() -> Iterator[tuple[str, dataclasses.Field[object], EnvVar]]:
+    """Every declared variable: its group's name in Settings, its field and its declaration."""
+    for group_name, group in _GROUPS.items():
+        for f in dataclasses.fields(group):  # type: ignore[arg-type]  # every group is a dataclass
+            yield group_name, f, env_var(f)

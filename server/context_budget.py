@@ -41,7 +41,7 @@ def fit_context(exchanges: Sequence[Exchange], budget: int) -> list[Exchange]:
 
 def history_budget(settings: Settings, *, text_chars: int) -> int:
     """Characters left for earlier turns once the system prompt and a message of ``text_chars`` are in."""
-    return max(0, settings.context_max_chars - len(settings.system_prompt) - text_chars)
+    return max(0, settings.turns.context_max_chars - len(settings.llm.system_prompt) - text_chars)
 
 
 def check_prompt_budget(settings: Settings) -> None:
@@ -54,9 +54,9 @@ def check_prompt_budget(settings: Settings) -> None:
     Raises:
         SettingsError: the budget is smaller than the system prompt plus the longest message.
     """
-    needed = settings.max_text_chars + len(settings.system_prompt)
-    if settings.context_max_chars < needed:
+    needed = settings.turns.max_text_chars + len(settings.llm.system_prompt)
+    if settings.turns.context_max_chars < needed:
         raise SettingsError(
-            f"CHATSTREAM_CONTEXT_MAX_CHARS ({settings.context_max_chars}) must be at least "
+            f"CHATSTREAM_CONTEXT_MAX_CHARS ({settings.turns.context_max_chars}) must be at least "
             f"CHATSTREAM_MAX_TEXT_CHARS plus the system prompt's length ({needed})"
         )

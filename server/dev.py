@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from pathlib import Path
 
 from server import constants
 from server.app import ChatServer
 from server.auth import hash_api_key, new_api_key
-from server.config import ApiKeyEntry, AuthMode, Settings
+from server.config import ApiKeyEntry, AuthMode, Settings, variable_of
 from server.consumer.process import ConsumerProcess
 from server.db.migrate import upgrade_async
 from server.demo_model import DEMO_MODEL, DemoModelServer
@@ -78,7 +77,7 @@ class DevServer:
             self._stack.push_async_callback(demo_server.close)
             api_key = "demo"
         dev_key = dev_api_key(data_dir)
-        settings = Settings(
+        settings = Settings.from_fields(
             auth_mode=AuthMode.REQUIRED,
             # The dev key may act for users, so x-chatstream-user can be tried out.
             api_keys=(ApiKeyEntry(subject=DEV_SUBJECT, sha256=hash_api_key(dev_key), act_for_users=True),),
@@ -89,12 +88,12 @@ class DevServer:
             anthropic_base_url=base_url,
             shutdown_grace_s=2.0,
             consumer_name="dev-consumer",
-            metrics_listen=os.environ.get("CHATSTREAM_METRICS_LISTEN", "127.0.0.1:0"),
+            metrics_listen=os.environ.get(variable_of("metrics_listen"), "127.0.0.1:0"),
         )
         if demo:
             # Asked for by its own name, so that every turn (its row, completed.model) names
             # the model that answered rather than a Claude model that did not.
-            settings = dataclasses.replace(settings, model=DEMO_MODEL)
+            settings = settings.with_overrides(model=DEMO_MODEL)
         server = ChatServer(settings)
         # The consumer starts first so that it stops last: turns the server records while
         # it stops are still read.

@@ -17,7 +17,7 @@ import anthropic
 import httpx2
 from anthropic.types import MessageParam
 
-from server.config import Settings, SettingsError
+from server.config import LlmSettings, SettingsError
 from server.domain import Exchange, Usage
 from server.errors import ChatError, InternalError, UpstreamUnavailableError
 
@@ -69,7 +69,7 @@ def build_messages(history: Sequence[Exchange], text: str) -> list[MessageParam]
     return messages
 
 
-def check_model_reachable(settings: Settings) -> None:
+def check_model_reachable(settings: LlmSettings) -> None:
     """Raises SettingsError(NO_MODEL_MESSAGE) where ``LlmClient(settings)`` would; opens nothing.
 
     For a process that checks settings before it starts servers of its own (``serve --workers``).
@@ -90,7 +90,7 @@ class LlmClient:
     """Streams replies from the Messages API with the configured model and limits."""
 
     def __init__(
-        self, settings: Settings, *, base_url: str | None = None, api_key: str | None = None
+        self, settings: LlmSettings, *, base_url: str | None = None, api_key: str | None = None
     ) -> None:
         """Configures the SDK client; no request is sent.
 

@@ -120,13 +120,13 @@ class Producer:
             await self._end(production, [], ending, lambda item, *, caller=True: None)
             return
         live = None
-        if self._settings.live_log:
+        if self._settings.turns.live_log:
             live = LiveWriter(
                 self._redis,
                 conversation_id=turn.conversation_id,
                 turn_id=turn.id,
-                ttl_s=self._settings.live_ttl_s,
-                maxlen=self._settings.live_maxlen,
+                ttl_s=self._settings.turns.live_ttl_s,
+                maxlen=self._settings.turns.live_maxlen,
                 on_cancel=lambda: production.cancel("CANCELLED"),
             )
             live.start()
@@ -144,7 +144,7 @@ class Producer:
         try:
             with self._leases.hold(turn.id):
                 try:
-                    async with asyncio.timeout(self._settings.max_turn_s):
+                    async with asyncio.timeout(self._settings.turns.max_turn_s):
                         emit(Sequenced(1, TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id)))
                         history = await self._context.load(
                             turn.conversation_id,

@@ -188,11 +188,11 @@ def warn_if_too_few_file_descriptors(settings: Settings) -> None:
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = (
-        settings.max_connections
-        + settings.max_streams  # one upstream HTTP connection per streaming turn, at worst
-        + _DB_CONNECTIONS_PER_POOL_SIZE * settings.db_pool_size
+        settings.limits.max_connections
+        + settings.limits.max_streams  # one upstream HTTP connection per streaming turn, at worst
+        + _DB_CONNECTIONS_PER_POOL_SIZE * settings.database.db_pool_size
         + _REDIS_CONNECTIONS
-        + settings.min_free_fds
+        + settings.server.min_free_fds
         + _FD_BASELINE
     )
     if soft != resource.RLIM_INFINITY and soft < needed:

@@ -13,7 +13,7 @@ from typing import Final
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 
-from server.config import Settings
+from server.config import RedisSettings
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class RedisEvictionPolicyError(RuntimeError):
 _EVICTING_POLICIES: Final = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
 
 
-def create_redis(settings: Settings) -> aioredis.Redis:
+def create_redis(settings: RedisSettings) -> aioredis.Redis:
     """The Redis client; short socket timeouts so an outage fails fast instead of hanging turns."""
     return aioredis.from_url(
         settings.redis_url,

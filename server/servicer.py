@@ -115,12 +115,12 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
                 if request.conversation
                 else None
             ),
-            text=convert.parse_text(request.text, max_chars=self._settings.max_text_chars),
+            text=convert.parse_text(request.text, max_chars=self._settings.turns.max_text_chars),
             request_id=convert.parse_request_id(request.request_id),
         )
         if request.on_disconnect not in _ON_DISCONNECT:
             raise InvalidArgumentError.for_field("on_disconnect", "is not an OnDisconnect value")
-        if self._settings.log_user_content:
+        if self._settings.observability.log_user_content:
             # Off by default: users' messages stay out of the logs (docs/security.md).
             logger.debug("chat text from %s: %r", owner, chat.text)
         await self._turns.run(
@@ -227,7 +227,7 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
 
     def _emitter(self, context: Context[RequestT, pb.ChatResponse]) -> Emit:
         """Writes numbered events to ``context``; raises ClientGoneError when the client is gone."""
-        write_timeout_s = self._settings.write_timeout_s
+        write_timeout_s = self._settings.turns.write_timeout_s
 
         async def emit(item: Sequenced) -> None:
             try:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from server import runtime
-from server.config import Settings, SettingsError
+from server.config import Settings, SettingsError, variable_of
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ ENV_WORKERS: Final = "CHATSTREAM_WORKERS"
 """Serving processes `chatstream serve` runs; 1 (the default) serves in-process, without a supervisor."""
 ENV_WORKER_INDEX: Final = "CHATSTREAM_WORKER_INDEX"
 """A worker's index, ``0`` to ``N-1``, set by the supervisor; its log lines carry it as ``worker``."""
-ENV_METRICS_LISTEN: Final = "CHATSTREAM_METRICS_LISTEN"
+ENV_METRICS_LISTEN: Final = variable_of("metrics_listen")
 
 QUICK_EXIT_S: Final = 30.0
 """A worker that exits sooner than this after its start failed to start rather than crashed while serving.
@@ -76,7 +76,11 @@ def serve_workers(settings: Settings, *, workers: int) -> int:
     check_settings(settings, workers=workers)
     command = [sys.executable, "-m", "server", "serve", "--workers", "1"]
     environs = [
-        worker_environ(os.environ, index=index, metrics_listen=metrics_listen(settings.metrics_listen, index))
+        worker_environ(
+            os.environ,
+            index=index,
+            metrics_listen=metrics_listen(settings.observability.metrics_listen, index),
+        )
         for index in range(workers)
     ]
     return runtime.run(Supervisor(command, environs).run())
@@ -94,10 +98,10 @@ def check_settings(settings: Settings, *, workers: int) -> None:
     """
     if sys.platform != "linux":
         raise SettingsError(f"--workers {workers} needs Linux (SO_REUSEPORT balancing, PR_SET_PDEATHSIG)")
-    _, sep, port = settings.listen.rpartition(":")
+    _, sep, port = settings.server.listen.rpartition(":")
     if not sep or not port.isdigit():
         raise SettingsError(
-            f"--workers {workers} needs CHATSTREAM_LISTEN as host:port, got {settings.listen!r}"
+            f"--workers {workers} needs CHATSTREAM_LISTEN as host:port, got {settings.server.listen!r}"
         )
     if int(port) == 0:
         raise SettingsError(
@@ -105,15 +109,15 @@ def check_settings(settings: Settings, *, workers: int) -> None:
             "would listen on a port of its own"
         )
     for index in range(workers):
-        metrics_listen(settings.metrics_listen, index)
+        metrics_listen(settings.observability.metrics_listen, index)
 
     from server import tls
     from server.auth import CredentialVerifier
     from server.llm import check_model_reachable
 
     CredentialVerifier(settings)
-    tls.server_credentials(settings)
-    check_model_reachable(settings)
+    tls.server_credentials(settings.tls)
+    check_model_reachable(settings.llm)
 
 
 def metrics_listen(base: str, index: int) -> str:

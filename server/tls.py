@@ -1,4 +1,4 @@
-"""TLS and mTLS server credentials from Settings."""
+"""TLS and mTLS server credentials from the TLS settings group."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from server.config import Settings, SettingsError
+from server.config import SettingsError, TlsSettings
 
 
 def _read(path: str, variable: str) -> bytes:
@@ -16,7 +16,7 @@ def _read(path: str, variable: str) -> bytes:
         raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror}") from None
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+def server_credentials(settings: TlsSettings) -> grpc.ServerCredentials | None:
     """The port's TLS credentials, or None for plaintext.
 
     With ``tls_client_ca_file`` the handshake requires a client certificate signed by

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import cast
@@ -113,7 +113,7 @@ async def _clean_state(services: Services) -> None:
 @pytest.fixture
 def settings(services: Services, fake: FakeAnthropic) -> Settings:
     """Server settings pointing at the test services and the fake upstream."""
-    return Settings(
+    return Settings.from_fields(
         database_url=services.database_url,
         redis_url=services.redis_url,
         listen="127.0.0.1:0",
@@ -138,7 +138,7 @@ async def start_server(settings: Settings) -> AsyncIterator[StartServer]:
     servers: list[ChatServer] = []
 
     async def start(**overrides: object) -> ChatServer:
-        server = ChatServer(replace(settings, **overrides))  # type: ignore[arg-type]  # overrides are Settings fields
+        server = ChatServer(settings.with_overrides(**overrides))
         await server.start()
         servers.append(server)
         return server
@@ -167,11 +167,13 @@ Consume = Callable[[], Awaitable[WorkerStats]]
 @pytest.fixture
 async def consume(settings: Settings) -> AsyncIterator[Consume]:
     """Runs the persistence consumer in burst mode: drains every shard, then returns."""
-    database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    database = Database.from_settings(settings.database)
+    redis_client = create_redis(settings.redis)
 
     async def run() -> WorkerStats:
-        worker = PersistenceWorker.from_settings(settings, redis=redis_client, database=database)
+        worker = PersistenceWorker.from_settings(
+            settings.consumer, shards=settings.redis.shards, redis=redis_client, database=database
+        )
         await worker.run(burst=True)
         return worker.stats
 

@@ -162,7 +162,7 @@ async def _scenario(
 ) -> Report:
     rng = random.Random(seed)
     started = time.monotonic()
-    settings = Settings(
+    settings = Settings.from_fields(
         database_url=pg.url,
         redis_url=redis_server.url,
         listen="127.0.0.1:0",
@@ -204,7 +204,7 @@ async def _scenario(
                     restarted_pg = True
                     # Poison after the Redis restart, so the restart cannot erase it.
                     for i in range(POISON):
-                        stream = turns_stream(i % settings.shards).encode()
+                        stream = turns_stream(i % settings.redis.shards).encode()
                         entry_id = await redis_client.xadd(stream, {"v": "1", "turn": f"not json {i}"})
                         poisoned.add((stream, entry_id if isinstance(entry_id, bytes) else entry_id.encode()))
             await driver
@@ -218,7 +218,7 @@ async def _scenario(
             try:
                 deadline = time.monotonic() + 90
                 while True:
-                    state = await _state(db, redis_client, settings.shards)
+                    state = await _state(db, redis_client, settings.redis.shards)
                     if state.settled or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.5)

@@ -31,13 +31,13 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATSTREAM_", "ANTHROPIC_"))}
     env.update(
         {
-            "CHATSTREAM_DATABASE_URL": settings.database_url,
-            "CHATSTREAM_REDIS_URL": settings.redis_url,
-            "ANTHROPIC_API_KEY": settings.anthropic_api_key or "test",
-            "ANTHROPIC_BASE_URL": settings.anthropic_base_url or "",
-            "CHATSTREAM_MODEL": settings.model,
-            "CHATSTREAM_LLM_MAX_RETRIES": str(settings.llm_max_retries),
-            "CHATSTREAM_LLM_TIMEOUT_S": str(settings.llm_timeout_s),
+            "CHATSTREAM_DATABASE_URL": settings.database.database_url,
+            "CHATSTREAM_REDIS_URL": settings.redis.redis_url,
+            "ANTHROPIC_API_KEY": settings.llm.anthropic_api_key or "test",
+            "ANTHROPIC_BASE_URL": settings.llm.anthropic_base_url or "",
+            "CHATSTREAM_MODEL": settings.llm.model,
+            "CHATSTREAM_LLM_MAX_RETRIES": str(settings.llm.llm_max_retries),
+            "CHATSTREAM_LLM_TIMEOUT_S": str(settings.llm.llm_timeout_s),
             "CHATSTREAM_LOG_LEVEL": "WARNING",
             # Production refuses to start without authentication; these tests are about faults.
             "CHATSTREAM_AUTH_MODE": "none",

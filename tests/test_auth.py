@@ -6,7 +6,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -333,7 +332,7 @@ async def test_health_and_reflection_need_no_credentials(auth_server: ChatServer
 
 
 async def test_required_auth_without_any_credential_refuses_to_start(settings: Settings) -> None:
-    server = ChatServer(replace(settings, auth_mode=AuthMode.REQUIRED))
+    server = ChatServer(settings.with_overrides(auth_mode=AuthMode.REQUIRED))
     with pytest.raises(SettingsError, match="CHATSTREAM_AUTH_MODE=none"):
         await server.start()
     await server.stop(grace_s=0)
@@ -341,8 +340,8 @@ async def test_required_auth_without_any_credential_refuses_to_start(settings: S
 
 def test_from_env_requires_auth_unless_told_otherwise() -> None:
     base = {"CHATSTREAM_DATABASE_URL": "postgresql+asyncpg://x/y", "CHATSTREAM_REDIS_URL": "redis://x"}
-    assert Settings.from_env(base).auth_mode is AuthMode.REQUIRED
-    assert Settings.from_env({**base, "CHATSTREAM_AUTH_MODE": "none"}).auth_mode is AuthMode.NONE
+    assert Settings.from_env(base).auth.auth_mode is AuthMode.REQUIRED
+    assert Settings.from_env({**base, "CHATSTREAM_AUTH_MODE": "none"}).auth.auth_mode is AuthMode.NONE
     with pytest.raises(SettingsError, match="CHATSTREAM_AUTH_MODE"):
         Settings.from_env({**base, "CHATSTREAM_AUTH_MODE": "maybe"})
     with pytest.raises(SettingsError, match="CHATSTREAM_AUTH_MODE"):
@@ -353,7 +352,7 @@ def test_api_key_entries_parse_and_a_pasted_key_is_never_echoed() -> None:
     base = {"CHATSTREAM_DATABASE_URL": "postgresql+asyncpg://x/y", "CHATSTREAM_REDIS_URL": "redis://x"}
     digest = hash_api_key("csk_example")
     settings = Settings.from_env({**base, "CHATSTREAM_API_KEYS": f"a:{digest}, b:{digest}:act_for_users"})
-    assert settings.api_keys == (
+    assert settings.auth.api_keys == (
         ApiKeyEntry(subject="a", sha256=digest),
         ApiKeyEntry(subject="b", sha256=digest, act_for_users=True),
     )
@@ -362,10 +361,12 @@ def test_api_key_entries_parse_and_a_pasted_key_is_never_echoed() -> None:
     assert "csk_pasted" not in str(caught.value)
     with pytest.raises(SettingsError, match="reserved prefix"):
         CredentialVerifier(
-            Settings(database_url="", redis_url="", api_keys=(ApiKeyEntry(subject="user:x", sha256=digest),))
+            Settings.from_fields(
+                database_url="", redis_url="", api_keys=(ApiKeyEntry(subject="user:x", sha256=digest),)
+            )
         )
     with pytest.raises(SettingsError, match="at least 32 bytes"):
-        CredentialVerifier(Settings(database_url="", redis_url="", jwt_hs256_secret="short"))
+        CredentialVerifier(Settings.from_fields(database_url="", redis_url="", jwt_hs256_secret="short"))
 
 
 async def test_new_key_tool_output_configures_a_working_key(start_server: StartServer) -> None:
@@ -383,6 +384,6 @@ async def test_new_key_tool_output_configures_a_working_key(start_server: StartS
         "CHATSTREAM_REDIS_URL": "redis://x",
         "CHATSTREAM_API_KEYS": entry,
     }
-    server = await start_server(auth_mode=AuthMode.REQUIRED, api_keys=Settings.from_env(env).api_keys)
+    server = await start_server(auth_mode=AuthMode.REQUIRED, api_keys=Settings.from_env(env).auth.api_keys)
     async with AsyncChatClient(server.address, metadata=bearer(key)) as client:
         await client.create_conversation()

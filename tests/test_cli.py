@@ -29,7 +29,7 @@ SHARDS = range(4)
 
 
 def _shard(conversation: str, settings: Settings) -> int:
-    return shard_for(uuid.UUID(conversation.rsplit("/", 1)[1]), settings.shards)
+    return shard_for(uuid.UUID(conversation.rsplit("/", 1)[1]), settings.redis.shards)
 
 
 async def _dead_letter(redis: aioredis.Redis, shard: int, entry: tuple[bytes, dict[bytes, bytes]]) -> None:

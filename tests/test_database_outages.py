@@ -9,7 +9,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import replace
 from datetime import timedelta
 
 import asyncpg
@@ -185,7 +184,7 @@ async def test_health_is_not_serving_while_postgresql_is_down_and_serving_again_
     pg = PostgresProcess()
     try:
         await upgrade_async(pg.url)
-        server = ChatServer(replace(settings, database_url=pg.url, readiness_interval_s=0.2))
+        server = ChatServer(settings.with_overrides(database_url=pg.url, readiness_interval_s=0.2))
         await server.start()
         try:
             assert await health_status(server.address) == SERVING

@@ -164,7 +164,7 @@ def test_server_probes_ask_the_grpc_health_service(manifests: list[Manifest]) ->
 
 def test_termination_grace_outlasts_the_server_shutdown(manifests: list[Manifest]) -> None:
     settings = Settings.from_env({**_config(manifests), **_secret_template()})
-    stopping_s = settings.shutdown_drain_s + settings.shutdown_grace_s
+    stopping_s = settings.server.shutdown_drain_s + settings.server.shutdown_grace_s
     pod = _one(manifests, "Deployment", "chatstream-server")["spec"]["template"]["spec"]
     # The margin covers recording cancelled turns and closing the pools after the grace.
     assert pod["terminationGracePeriodSeconds"] >= stopping_s + 10
@@ -181,7 +181,7 @@ def test_configmap_and_secret_hold_known_settings_that_let_the_server_start(
     env = {**_config(manifests), **_secret_template()}
     assert set(env) <= known, f"unknown settings: {set(env) - known}"
     settings = Settings.from_env(env)
-    assert _listen_port(settings.listen) == 50051
+    assert _listen_port(settings.server.listen) == 50051
     CredentialVerifier(settings)  # what `chatstream serve` checks first: auth is configured
 
 

@@ -18,7 +18,9 @@ async def _upload(requests: AsyncIterator[bytes], context: grpc.aio.ServicerCont
 
 
 async def test_a_request_streaming_method_of_a_protected_service_is_refused_not_served_unguarded() -> None:
-    verifier = CredentialVerifier(Settings(database_url="", redis_url="", auth_mode=AuthMode.NONE))
+    verifier = CredentialVerifier(
+        Settings.from_fields(database_url="", redis_url="", auth_mode=AuthMode.NONE)
+    )
     edge = EdgeInterceptor(
         verifier=verifier,
         limiter=StreamLimiter(max_streams=10, max_per_owner=10),

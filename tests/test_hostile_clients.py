@@ -57,8 +57,10 @@ async def test_a_20000_stream_health_watch_flood_leaves_memory_and_health_as_the
         assert flood.sent == 20_000
         # 100 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS) and 1,000 watches per
         # process: whatever the order, the server never holds more than 1,000.
-        assert flood.advertised_max_streams == settings.max_streams_per_connection
-        assert held <= min(10 * settings.max_streams_per_connection, settings.max_health_watches)
+        assert flood.advertised_max_streams == settings.limits.max_streams_per_connection
+        assert held <= min(
+            10 * settings.limits.max_streams_per_connection, settings.limits.max_health_watches
+        )
 
         async def back_to_baseline() -> bool:
             return rss_bytes(process.pid) - before < 50 * MiB
@@ -248,7 +250,9 @@ def test_too_few_file_descriptors_for_the_settings_are_reported_at_start(
     from server.readiness import warn_if_too_few_file_descriptors
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    warn_if_too_few_file_descriptors(Settings(database_url="", redis_url="", max_connections=soft))
+    warn_if_too_few_file_descriptors(
+        Settings.from_fields(database_url="", redis_url="", max_connections=soft)
+    )
     assert "file-descriptor limit" in caplog.text
 
 

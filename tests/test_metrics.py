@@ -75,11 +75,15 @@ async def test_metrics_endpoint_reports_turns_tokens_latencies_and_streams(
 async def test_consumer_metrics_count_persisted_messages(client: AsyncChatClient, settings: Settings) -> None:
     await client.chat_reply("persist me")
     metrics = Metrics()
-    database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    database = Database.from_settings(settings.database)
+    redis_client = create_redis(settings.redis)
     try:
         worker = PersistenceWorker.from_settings(
-            settings, redis=redis_client, database=database, metrics=metrics
+            settings.consumer,
+            shards=settings.redis.shards,
+            redis=redis_client,
+            database=database,
+            metrics=metrics,
         )
         await worker.run(burst=True)
     finally:

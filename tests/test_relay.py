@@ -35,14 +35,14 @@ from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for
 
 @contextlib.asynccontextmanager
 async def _relay(settings: Settings, *, grace_s: float = 0.0) -> AsyncIterator[Relay]:
-    database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    database = Database.from_settings(settings.database)
+    redis_client = create_redis(settings.redis)
     try:
         yield Relay(
             database=database,
             redis=redis_client,
-            live_ttl_s=settings.live_ttl_s,
-            publisher=TurnPublisher(redis_client, shards=settings.shards),
+            live_ttl_s=settings.turns.live_ttl_s,
+            publisher=TurnPublisher(redis_client, shards=settings.redis.shards),
             interval=timedelta(seconds=1),
             grace=timedelta(seconds=grace_s),
         )
@@ -213,17 +213,20 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_persisted(
 ) -> None:
     for i in range(6):
         await client.chat_reply(f"m{i}")
-    database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    database = Database.from_settings(settings.database)
+    redis_client = create_redis(settings.redis)
     try:
-        worker = PersistenceWorker.from_settings(settings, redis=redis_client, database=database)
+        worker = PersistenceWorker.from_settings(
+            settings.consumer, shards=settings.redis.shards, redis=redis_client, database=database
+        )
         await worker.ensure_groups()
         # A consumer reads everything and dies before acknowledging.
-        for k in range(settings.shards):
+        for k in range(settings.redis.shards):
             await redis.xreadgroup(PERSISTENCE_GROUP, "dead-consumer", {turns_stream(k): ">"}, count=100)
         await asyncio.sleep(0.05)
         rescuer = PersistenceWorker.from_settings(
-            replace(settings, consumer_claim_idle_ms=10),
+            replace(settings.consumer, consumer_claim_idle_ms=10),
+            shards=settings.redis.shards,
             redis=redis_client,
             database=database,
             consumer_name="rescuer",
@@ -234,7 +237,7 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_persisted(
         await database.dispose()
     assert rescuer.stats.claimed == 6
     assert await _message_count(db) == 12
-    for k in range(settings.shards):
+    for k in range(settings.redis.shards):
         assert (await redis.xpending(turns_stream(k), PERSISTENCE_GROUP))["pending"] == 0
 
 
@@ -250,7 +253,7 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
 
     # Re-publish both turns, the second with text PostgreSQL rejects (NUL): decodable,
     # but its insert fails every time, whatever the retry.
-    database = Database.from_settings(settings)
+    database = Database.from_settings(settings.database)
     try:
         async with database.begin() as session:
             turns = {
@@ -270,13 +273,17 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
         next(t for t in turns.values() if t.user_text == "bad"), assistant_text="nul \x00 inside"
     )
     for turn in (good_turn, bad_turn):
-        await redis.xadd(turns_stream(shard_for(turn.conversation_id, settings.shards)), encode_turn(turn))  # type: ignore[arg-type]
+        stream = turns_stream(shard_for(turn.conversation_id, settings.redis.shards))
+        await redis.xadd(stream, encode_turn(turn))  # type: ignore[arg-type]
 
-    database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    database = Database.from_settings(settings.database)
+    redis_client = create_redis(settings.redis)
     try:
         worker = PersistenceWorker.from_settings(
-            replace(settings, consumer_max_deliveries=3), redis=redis_client, database=database
+            replace(settings.consumer, consumer_max_deliveries=3),
+            shards=settings.redis.shards,
+            redis=redis_client,
+            database=database,
         )
         await worker.run(burst=True)
     finally:
@@ -287,7 +294,7 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
     dead = await stream_entries(redis, DEAD_LETTER_STREAM)
     assert len(dead) == 1
     assert b"CharacterNotInRepertoire" in dead[0][1][b"dlq_error"] or b"0x00" in dead[0][1][b"dlq_error"]
-    for k in range(settings.shards):
+    for k in range(settings.redis.shards):
         assert (await redis.xpending(turns_stream(k), PERSISTENCE_GROUP))["pending"] == 0
     persisted = await db.fetch("SELECT text FROM chat.messages ORDER BY text")
     assert [r["text"] for r in persisted] == ["Hello from the fake model.", "good"]

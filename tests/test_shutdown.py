@@ -89,5 +89,5 @@ async def test_sigterm_stops_the_consumer_after_it_acked_what_it_read(
         assert time.monotonic() - started < 5
     finally:
         process.close()
-    for k in range(settings.shards):
+    for k in range(settings.redis.shards):
         assert (await redis.xpending(turns_stream(k), PERSISTENCE_GROUP))["pending"] == 0

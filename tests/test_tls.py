@@ -149,12 +149,14 @@ async def test_mtls_identity_owns_its_data_and_only_allowed_identities_act_for_u
 
 def test_half_configured_tls_is_a_settings_error(settings: Settings, pki: Pki) -> None:
     with pytest.raises(SettingsError, match="set together"):
-        server_credentials(replace(settings, tls_cert_file=str(pki.server_cert)))
+        server_credentials(replace(settings.tls, tls_cert_file=str(pki.server_cert)))
     with pytest.raises(SettingsError, match="needs CHATSTREAM_TLS_CERT_FILE"):
-        server_credentials(replace(settings, tls_client_ca_file=str(pki.ca_file)))
+        server_credentials(replace(settings.tls, tls_client_ca_file=str(pki.ca_file)))
     with pytest.raises(SettingsError, match="cannot read"):
         server_credentials(
             replace(
-                settings, tls_cert_file=str(pki.directory / "missing.crt"), tls_key_file=str(pki.server_key)
+                settings.tls,
+                tls_cert_file=str(pki.directory / "missing.crt"),
+                tls_key_file=str(pki.server_key),
             )
         )

@@ -27,7 +27,7 @@ _LEASE = timedelta(seconds=30)
 
 @pytest.fixture
 async def database(settings: Settings) -> AsyncIterator[Database]:
-    database = Database.from_settings(settings)
+    database = Database.from_settings(settings.database)
     try:
         yield database
     finally:

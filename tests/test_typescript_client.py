@@ -67,9 +67,11 @@ async def target(start_server: StartServer, settings: Settings) -> AsyncIterator
     """The server with authentication on, and a persistence consumer running until the test ends."""
     token, entry = api_key("ts-client")
     server = await start_server(auth_mode=AuthMode.REQUIRED, api_keys=(entry,))
-    database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
-    worker = PersistenceWorker.from_settings(settings, redis=redis_client, database=database)
+    database = Database.from_settings(settings.database)
+    redis_client = create_redis(settings.redis)
+    worker = PersistenceWorker.from_settings(
+        settings.consumer, shards=settings.redis.shards, redis=redis_client, database=database
+    )
     consumer = asyncio.create_task(worker.run())
     try:
         yield Target(server=server, token=token)

@@ -16,8 +16,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 
 from server import constants
-from server.config import Settings, SettingsError
+from server.config import RedisSettings, SettingsError
 from server.devenv import read_dev_env
+from server.envvars import load_group
 from server.redis_client import create_redis
 
 
@@ -25,16 +26,15 @@ from server.redis_client import create_redis
 class RedisEnv:
     """What a Redis-only command reads from the environment."""
 
-    settings: Settings
-    """CHATSTREAM_REDIS_URL and CHATSTREAM_SHARDS; every other field keeps its default, and
-    ``database_url`` is empty: these commands never open the database."""
+    redis: RedisSettings
+    """CHATSTREAM_REDIS_URL and CHATSTREAM_SHARDS: these commands never open the database."""
     source: str
     """Where the URL came from, for messages (the URL itself may hold a password)."""
 
     @property
     def shards(self) -> int:
         """CHATSTREAM_SHARDS: how many ``chat:turns:{k}`` streams there are."""
-        return self.settings.shards
+        return self.redis.shards
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RedisEnv:
@@ -59,21 +59,8 @@ class RedisEnv:
                 )
             source = f"the Redis of `chatstream dev` ({dev.path})"
         return cls(
-            settings=Settings(database_url="", redis_url=redis_url, shards=_shards(env)), source=source
+            redis=load_group(RedisSettings, {**env, constants.ENV_REDIS_URL: redis_url}), source=source
         )
-
-
-def _shards(env: Mapping[str, str]) -> int:
-    raw = env.get(constants.ENV_SHARDS, "")
-    if raw == "":
-        return Settings(database_url="", redis_url="").shards
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{constants.ENV_SHARDS} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise SettingsError(f"{constants.ENV_SHARDS} must be at least 1, got {value}")
-    return value
 
 
 def redis_env() -> RedisEnv:
@@ -91,7 +78,7 @@ async def open_redis(env: RedisEnv) -> AsyncIterator[aioredis.Redis]:
     Raises:
         click.ClickException: Redis cannot be reached; the message says where it was looked for.
     """
-    client = create_redis(env.settings)
+    client = create_redis(env.redis)
     try:
         yield client
     except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:

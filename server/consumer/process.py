@@ -40,7 +40,7 @@ class ConsumerProcess:
         settings: What to connect to and how to consume.
         relay: Also run the outbox relay and lease sweeper.
         metrics: The registry to report to. None makes one and serves it on
-            ``settings.metrics_listen``; dev mode passes the server's, so that one
+            ``settings.observability.metrics_listen``; dev mode passes the server's, so that one
             process has one endpoint.
         """
         self._settings = settings
@@ -106,27 +106,27 @@ class ConsumerProcess:
         if configure_tracing("chatstream-consumer"):
             self._stack.callback(shutdown_tracing)
         # Connects lazily: creating it needs no database yet.
-        database = Database.from_settings(settings, application_name="chatstream-consumer")
+        database = Database.from_settings(settings.database, application_name="chatstream-consumer")
         self._stack.push_async_callback(database.dispose)
-        redis = create_redis(settings)
+        redis = create_redis(settings.redis)
         self._stack.push_async_callback(redis.aclose)
         metrics = self._metrics
         if metrics is None:
             metrics = Metrics()
-            endpoint = serve_metrics(metrics, settings.metrics_listen)
+            endpoint = serve_metrics(metrics, settings.observability.metrics_listen)
             if endpoint is not None:
                 self._stack.callback(endpoint.close)
         await check_redis_eviction_policy(redis)
         self._worker = PersistenceWorker.from_settings(
-            settings, redis=redis, database=database, metrics=metrics
+            settings.consumer, shards=settings.redis.shards, redis=redis, database=database, metrics=metrics
         )
         self._relay = Relay(
             database=database,
             redis=redis,
-            live_ttl_s=settings.live_ttl_s,
-            publisher=TurnPublisher(redis, shards=settings.shards),
-            interval=timedelta(seconds=settings.relay_interval_s),
-            grace=timedelta(seconds=settings.relay_grace_s),
+            live_ttl_s=settings.turns.live_ttl_s,
+            publisher=TurnPublisher(redis, shards=settings.redis.shards),
+            interval=timedelta(seconds=settings.consumer.relay_interval_s),
+            grace=timedelta(seconds=settings.consumer.relay_grace_s),
             metrics=metrics,
         )
         return redis, metrics
@@ -147,7 +147,7 @@ async def _observe_lag(redis: aioredis.Redis, settings: Settings, metrics: Metri
     """Keeps the per-shard lag, pending and dead-letter gauges current (every few seconds)."""
     while True:
         try:
-            report = await measure_lag(redis, shards=settings.shards)
+            report = await measure_lag(redis, shards=settings.redis.shards)
         except (redis_exceptions.RedisError, OSError) as exc:
             logger.debug("lag measurement failed: %s", exc.__class__.__name__)
         else:

@@ -30,7 +30,7 @@ from typing import Final, cast
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from server.config import Settings
+from server.config import ConsumerSettings
 from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
 from server.db import message_store
 from server.db.engine import Database
@@ -100,18 +100,19 @@ class PersistenceWorker:
     @classmethod
     def from_settings(
         cls,
-        settings: Settings,
+        settings: ConsumerSettings,
         *,
+        shards: int,
         redis: aioredis.Redis,
         database: Database,
         consumer_name: str | None = None,
         metrics: Metrics | None = None,
     ) -> PersistenceWorker:
-        """A worker configured by Settings (batch size, blocking, delivery limit, claim idle time)."""
+        """A worker configured by its settings group (batch, blocking, delivery limit, claim idle time)."""
         return cls(
             redis=redis,
             database=database,
-            shards=settings.shards,
+            shards=shards,
             consumer_name=consumer_name or settings.consumer_name,
             batch=settings.consumer_batch,
             block_ms=settings.consumer_block_ms,

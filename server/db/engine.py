@@ -21,7 +21,7 @@ from typing import Final
 from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from server.config import Settings
+from server.config import DatabaseSettings
 
 Executor = AsyncSession | AsyncConnection
 """What the data-access functions take: a unit of work's session or a single-statement connection."""
@@ -32,7 +32,7 @@ transaction_logger = logging.getLogger("server.db.transactions")
 _POOL_TIMEOUT_S: Final = 10
 
 
-def create_engine(settings: Settings, *, application_name: str = "chatstream") -> AsyncEngine:
+def create_engine(settings: DatabaseSettings, *, application_name: str = "chatstream") -> AsyncEngine:
     """An asyncpg engine whose pool holds at most ``db_pool_size`` connections.
 
     It is the process's only pool, so ``db_pool_size`` is the process's whole claim on
@@ -71,8 +71,8 @@ class Database:
         self._log = log_transactions
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, application_name: str = "chatstream") -> Database:
-        """The process's database, configured from Settings."""
+    def from_settings(cls, settings: DatabaseSettings, *, application_name: str = "chatstream") -> Database:
+        """The process's database, configured from its settings group."""
         return cls(
             create_engine(settings, application_name=application_name),
             log_transactions=settings.log_transactions,
