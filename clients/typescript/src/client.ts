@@ -219,7 +219,8 @@ export class ChatClient {
    * turn streams and after it ended, and resumes after a dropped connection like `chat`.
    * Leaving the loop does not stop the turn.
    *
-   * @throws ChatClientError NOT_FOUND (`TURN_NOT_FOUND`) for a turn that does not exist or is someone else's.
+   * @throws ChatClientError NOT_FOUND (`TURN_NOT_FOUND`) for a turn that does not exist or is
+   *   someone else's.
    */
   async *watchTurn(turn: string, options: WatchTurnOptions = {}): AsyncGenerator<TurnEvent, void, undefined> {
     const position = new ResumePoint(turn, options.afterSeq, options.afterOffset);
@@ -233,18 +234,17 @@ export class ChatClient {
    * to its `completed`, until the caller leaves the loop. Turns that started before the call
    * are not sent. Not resumed after a dropped connection: the turns in between would be lost.
    *
-   * @throws ChatClientError NOT_FOUND (`CONVERSATION_NOT_FOUND`) for a conversation that does not exist or is someone else's.
+   * @throws ChatClientError NOT_FOUND (`CONVERSATION_NOT_FOUND`) for a conversation that does
+   *   not exist or is someone else's.
    */
   async *watchConversation(
     conversation: string,
     options: WatchConversationOptions = {},
   ): AsyncGenerator<TurnEvent, void, undefined> {
+    const deadline = options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs };
     yield* this.#events(
       (signal) =>
-        this.#client.watchConversation(
-          { conversation },
-          { headers: this.#headers, signal, ...(options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs }) },
-        ),
+        this.#client.watchConversation({ conversation }, { headers: this.#headers, signal, ...deadline }),
       options.signal,
     );
   }

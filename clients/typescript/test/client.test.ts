@@ -201,7 +201,8 @@ test("watch: watchConversation streams the turns another call starts", async () 
 
 test("resume: a cut connection mid-reply resumes on the other server with exactly the reply", async () => {
   const cutFile = requiredEnv("CHATSTREAM_TEST_CUT_FILE");
-  const proxied = new ChatClient({ baseUrl: requiredEnv("CHATSTREAM_TEST_PROXY"), token, chatTimeoutMs: 30_000 });
+  const proxy = requiredEnv("CHATSTREAM_TEST_PROXY");
+  const proxied = new ChatClient({ baseUrl: proxy, token, timeoutMs: 10_000, chatTimeoutMs: 30_000 });
   try {
     const events: TurnEvent[] = [];
     for await (const event of proxied.chat("tell me a long story")) {
