@@ -91,7 +91,7 @@ async def target(start_server: StartServer, settings: Settings) -> AsyncIterator
 
 
 async def run_group(
-    suite: NodeSuite, target: Target, group: str, env: Mapping[str, str] | None = None
+    suite: NodeSuite, target: Target, group: str, extra_env: Mapping[str, str] | None = None
 ) -> str:
     """Runs the suite's tests named `<group>: ...`; fails unless at least one ran and all passed."""
     env = {
@@ -99,7 +99,7 @@ async def run_group(
         "CHATSTREAM_TEST_TARGET": f"http://{target.server.address}",
         "CHATSTREAM_TEST_TOKEN": target.token,
         "CHATSTREAM_TEST_REPLY": "".join(DEFAULT_DELTAS),
-        **(env or {}),
+        **(extra_env or {}),
     }
     # A subprocess on the event loop: the server under test is served by this same loop.
     process = await asyncio.create_subprocess_exec(
