@@ -172,11 +172,12 @@ async def test_typescript_client_resumes_a_cut_connection_on_another_server(
     suite: NodeSuite, target: Target, start_server: StartServer, fake: FakeAnthropic, tmp_path: Path
 ) -> None:
     other = await start_server(auth_mode=AuthMode.REQUIRED, api_keys=(target.key,))
-    # Slow enough that the turn is still being produced when the cut lands.
-    fake.script(Stream(_LONG_REPLY, delay_s=0.03))
+    # Slow enough that each turn is still being produced when its cut lands.
+    fake.script(Stream(_LONG_REPLY, delay_s=0.03), Stream(_LONG_REPLY, delay_s=0.03))
     cut_file = tmp_path / "cut"
     async with CuttingProxy([target.server.address, other.address]) as proxy:
-        cutter = asyncio.create_task(_cut_when_asked(proxy, cut_file))
+        cutter = _Cutter(proxy, cut_file)
+        cutting = asyncio.create_task(cutter.run())
         try:
             await run_group(
                 suite,
@@ -189,22 +190,35 @@ async def test_typescript_client_resumes_a_cut_connection_on_another_server(
                 },
             )
         finally:
-            cutter.cancel()
+            cutting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await cutter
-        assert not cutter.cancelled(), "the node test never asked for the cut"
-    # One connection before the cut, one to the other server after it: the client resumed.
-    assert proxy.connections == 2
-    assert len(fake.requests) == 1, "the model ran once"
+                await cutting
+    assert cutter.cuts == 2, "each node test had its connection cut"
+    # The resuming client: one connection before its cut, one to the other server after it.
+    # The one with `resume: false`: one connection, never replaced.
+    assert proxy.connections == 3
+    assert len(fake.requests) == 2, "the model ran once per turn"
+    # The turn of the client that did not resume was cancelled by its cut (I8).
+    await fake.wait_for_disconnect(timeout=5)
 
 
-async def _cut_when_asked(proxy: CuttingProxy, cut_file: Path) -> None:
-    """Waits for the node test to create `cut_file`, cuts, then removes the file to let it read on."""
-    while not cut_file.exists():
-        await asyncio.sleep(0.005)
-    proxy.active = 1  # the reconnect lands on the other server, as after a failover
-    proxy.cut()
-    cut_file.unlink()
+@dataclass
+class _Cutter:
+    """Cuts the proxy's connections each time the node test creates `cut_file`."""
+
+    proxy: CuttingProxy
+    cut_file: Path
+    cuts: int = 0
+
+    async def run(self) -> None:
+        """Waits for the file, cuts, then removes the file to let the node test read on; forever."""
+        while True:
+            while not self.cut_file.exists():
+                await asyncio.sleep(0.005)
+            self.proxy.active = 1  # a reconnect lands on the other server, as after a failover
+            self.proxy.cut()
+            self.cuts += 1
+            self.cut_file.unlink()
 
 
 async def test_typescript_client_errors_carry_their_details(suite: NodeSuite, target: Target) -> None:

@@ -200,19 +200,13 @@ test("watch: watchConversation streams the turns another call starts", async () 
 });
 
 test("resume: a cut connection mid-reply resumes on the other server with exactly the reply", async () => {
-  const cutFile = requiredEnv("CHATSTREAM_TEST_CUT_FILE");
-  const proxy = requiredEnv("CHATSTREAM_TEST_PROXY");
-  const proxied = new ChatClient({ baseUrl: proxy, token, timeoutMs: 10_000, chatTimeoutMs: 30_000 });
+  const proxied = proxiedClient();
   try {
     const events: TurnEvent[] = [];
     for await (const event of proxied.chat("tell me a long story")) {
       events.push(event);
       if (events.length === 3) {
-        // started and two deltas in: have the connection cut, and read on only once it is.
-        writeFileSync(cutFile, "cut");
-        while (existsSync(cutFile)) {
-          await new Promise((resolve) => setTimeout(resolve, 5));
-        }
+        await cutConnection(); // after started and two deltas
       }
     }
     assertIncreasing(events);
@@ -225,6 +219,42 @@ test("resume: a cut connection mid-reply resumes on the other server with exactl
     proxied.close();
   }
 });
+
+test("resume: with resume false a cut connection fails the call UNAVAILABLE", async () => {
+  const proxied = proxiedClient();
+  let received = 0;
+  try {
+    const error = await rejection(
+      (async () => {
+        for await (const _ of proxied.chat("tell me another long story", { resume: false })) {
+          if (++received === 2) {
+            await cutConnection();
+          }
+        }
+      })(),
+    );
+    assert.equal(error.code, Code.Unavailable, error.message);
+    assert.equal(error.reason, "");
+    assert.equal(received, 2, "nothing after the cut");
+  } finally {
+    proxied.close();
+  }
+});
+
+/** A client through the proxy that the "resume" tests cut. */
+function proxiedClient(): ChatClient {
+  const baseUrl = requiredEnv("CHATSTREAM_TEST_PROXY");
+  return new ChatClient({ baseUrl, token, timeoutMs: 10_000, chatTimeoutMs: 30_000 });
+}
+
+/** Asks the pytest side to cut every connection through the proxy; resolves once it has. */
+async function cutConnection(): Promise<void> {
+  const cutFile = requiredEnv("CHATSTREAM_TEST_CUT_FILE");
+  writeFileSync(cutFile, "cut");
+  while (existsSync(cutFile)) {
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
 
 test("errors: an unknown conversation is NOT_FOUND with its ErrorInfo", async () => {
   const error = await rejection(client.getConversation(MISSING));
