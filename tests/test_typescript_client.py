@@ -156,11 +156,12 @@ async def test_typescript_client_cancel_keeps_the_partial_reply(
         Stream(["Once upon a time"], then="stall"),
         Stream(["There was a"], then="stall"),
         Stream(["It was a dark"], then="stall"),
+        Stream(["In a hole"], then="stall"),
     )
     await run_group(suite, target, "cancel")
     assert fake.scripts_left == 0
     # Each cancelled turn closed its upstream request (I8).
-    for _ in range(3):
+    for _ in range(4):
         await fake.wait_for_disconnect(timeout=5)
 
 

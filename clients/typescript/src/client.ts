@@ -149,6 +149,7 @@ export class ChatClient {
   readonly #headers: Readonly<Record<string, string>>;
   readonly #timeoutMs: number;
   readonly #chatTimeoutMs: number;
+  #closed = false;
 
   constructor(options: ChatClientOptions) {
     // Our own session manager, so that close() can end the connection at once.
@@ -167,8 +168,13 @@ export class ChatClient {
     this.#chatTimeoutMs = options.chatTimeoutMs ?? DEFAULT_CHAT_TIMEOUT_MS;
   }
 
-  /** Closes the connection, cancelling the calls in flight. */
+  /**
+   * Closes the connection, cancelling the calls in flight; nothing is resumed after it. A
+   * turn a `chat` was following goes on to its end on the server (no connection is left
+   * to cancel it on).
+   */
   close(): void {
+    this.#closed = true;
     this.#sessions.abort();
   }
 
@@ -204,7 +210,7 @@ export class ChatClient {
           : this.#client.watchTurn(position.watchRequest(), callOptions),
       );
     } finally {
-      if (resume && position.turn !== "" && !position.completed) {
+      if (resume && position.turn !== "" && !position.completed && !this.#closed) {
         // The server goes on producing a resumable turn without its connection; the caller
         // is gone for good, so stop the turn. Best effort: it ends by itself at the latest
         // after the server's CHATSTREAM_MAX_TURN_S.
@@ -422,7 +428,7 @@ export class ChatClient {
       }
     } catch (error) {
       ended = true;
-      throw ChatClientError.fromStream(error, call.signal.aborted);
+      throw ChatClientError.fromStream(error, call.signal.aborted || this.#closed);
     } finally {
       signal?.removeEventListener("abort", cancel);
       if (!ended) {

@@ -134,6 +134,25 @@ test("cancel: cancelTurn stops a streaming turn and is idempotent", async () => 
   await assertStoredAsCancelled(conversation, "tell me a third story", received);
 });
 
+test("cancel: close() mid-stream fails the call CANCELED and resumes nothing", async () => {
+  const own = new ChatClient({ baseUrl: target, token, timeoutMs: 10_000, chatTimeoutMs: 30_000 });
+  let turn = "";
+  const error = await rejection(
+    (async () => {
+      for await (const event of own.chat("tell me a fourth story")) {
+        if (event.kind.case === "started") {
+          turn = event.kind.value.turn;
+        } else if (event.kind.case === "textDelta") {
+          own.close(); // the upstream now stalls: a resume would wait for the deadline
+        }
+      }
+    })(),
+  );
+  assert.equal(error.code, Code.Canceled, error.message);
+  // Nothing was left to cancel the turn on: it is still streaming until someone does.
+  assert.equal(await client.cancelTurn(turn), TurnStatus.CANCELLED);
+});
+
 test("watch: watchTurn replays an ended turn from the start or from a resume point", async () => {
   const chatted: TurnEvent[] = [];
   for await (const event of client.chat("hello")) {
