@@ -73,6 +73,21 @@ export class ChatClientError extends Error {
     return codeName(this.code);
   }
 
+  /**
+   * `from` for a streaming call that the caller did not stop. Node reports the streams of a
+   * reset HTTP/2 connection as CANCELED, and Connect a reset socket as ABORTED; gRPC calls a
+   * lost connection UNAVAILABLE, which is what tells `chat` to resume. The service's own
+   * ABORTED always carries a reason, so it is kept.
+   */
+  static fromStream(error: unknown, stoppedByCaller: boolean): ChatClientError {
+    const converted = ChatClientError.from(error);
+    const lost =
+      !stoppedByCaller &&
+      converted.reason === "" &&
+      (converted.code === Code.Canceled || converted.code === Code.Aborted);
+    return lost ? new ChatClientError(Code.Unavailable, converted.rawMessage, { cause: error }) : converted;
+  }
+
   /** Converts anything a Connect call threw (or an AbortSignal's reason) into a ChatClientError. */
   static from(error: unknown): ChatClientError {
     if (error instanceof ChatClientError) {

@@ -10,6 +10,8 @@ export {
   type ChatReply,
   type ListOptions,
   type PageOptions,
+  type WatchConversationOptions,
+  type WatchTurnOptions,
 } from "./client.js";
 export { ChatClientError, type ChatClientErrorDetails, type FieldViolation } from "./errors.js";
 // Messages, enums (TurnStatus, Role, ...) and the service descriptor, generated from the proto.
