@@ -159,7 +159,7 @@ class ChatServer:
         self._stack.push_async_callback(llm.close)
         database = Database.from_settings(settings)
         self._stack.push_async_callback(database.dispose)
-        redis = create_redis(settings)
+        redis = await create_redis(settings)
         self._stack.push_async_callback(redis.aclose)
         try:
             await check_redis_eviction_policy(redis)

@@ -26,6 +26,17 @@ class AuthMode(enum.StrEnum):
     """Every ChatService call needs an API key, a JWT or a verified client certificate."""
 
 
+class RedisClusterMode(enum.StrEnum):
+    """Whether CHATSTREAM_REDIS_URL names a Redis Cluster node (server/redis_client.py)."""
+
+    AUTO = "auto"
+    """Ask the server at start-up (``INFO cluster``: ``cluster_enabled``)."""
+    TRUE = "true"
+    """A Redis Cluster: every client is a ``redis.asyncio.cluster.RedisCluster``."""
+    FALSE = "false"
+    """A single Redis (or one reached through a proxy that hides the cluster)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApiKeyEntry:
     """One accepted API key, stored as the SHA-256 of the key, never the key itself."""
@@ -45,7 +56,11 @@ class Settings:
     database_url: str = field(repr=False)
     """SQLAlchemy URL, ``postgresql+asyncpg://user:pass@host/db`` (CHATSTREAM_DATABASE_URL)."""
     redis_url: str = field(repr=False)
-    """``redis://host:port/db`` or ``unix:///path.sock`` (CHATSTREAM_REDIS_URL)."""
+    """``redis://host:port/db`` or ``unix:///path.sock`` (CHATSTREAM_REDIS_URL); for a Redis Cluster,
+    any one node's ``redis://host:port``."""
+    redis_cluster: RedisClusterMode = RedisClusterMode.AUTO
+    """Whether that Redis is a cluster (CHATSTREAM_REDIS_CLUSTER: auto, true or false); ``auto``
+    asks the server once at start-up, and falls back to a single Redis if it cannot be reached."""
     listen: str = "127.0.0.1:50051"
     """gRPC listen address (CHATSTREAM_LISTEN); port 0 picks a free port."""
 
@@ -252,6 +267,7 @@ class Settings:
         return cls(
             database_url=database_url,
             redis_url=redis_url,
+            redis_cluster=_choice(env, constants.ENV_REDIS_CLUSTER, RedisClusterMode, defaults.redis_cluster),
             listen=env.get(constants.ENV_LISTEN, defaults.listen),
             anthropic_api_key=env.get("ANTHROPIC_API_KEY") or None,
             anthropic_base_url=env.get("ANTHROPIC_BASE_URL") or None,

@@ -76,7 +76,7 @@ async def test_consumer_metrics_count_persisted_messages(client: AsyncChatClient
     await client.chat_reply("persist me")
     metrics = Metrics()
     database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    redis_client = await create_redis(settings)
     try:
         worker = PersistenceWorker.from_settings(
             settings, redis=redis_client, database=database, metrics=metrics

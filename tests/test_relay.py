@@ -32,11 +32,14 @@ from tests.conftest import Consume, StartServer, eventually, stream_entries, str
 from tests.fake_anthropic import FakeAnthropic, Gate, Stream
 from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
 
+# Also on a real Redis Cluster (tests/conftest.py, CHATSTREAM_TEST_REDIS).
+pytestmark = pytest.mark.redis_cluster
+
 
 @contextlib.asynccontextmanager
 async def _relay(settings: Settings, *, grace_s: float = 0.0) -> AsyncIterator[Relay]:
     database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    redis_client = await create_redis(settings)
     try:
         yield Relay(
             database=database,
@@ -214,7 +217,7 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_persisted(
     for i in range(6):
         await client.chat_reply(f"m{i}")
     database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    redis_client = await create_redis(settings)
     try:
         worker = PersistenceWorker.from_settings(settings, redis=redis_client, database=database)
         await worker.ensure_groups()
@@ -273,7 +276,7 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
         await redis.xadd(turns_stream(shard_for(turn.conversation_id, settings.shards)), encode_turn(turn))  # type: ignore[arg-type]
 
     database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    redis_client = await create_redis(settings)
     try:
         worker = PersistenceWorker.from_settings(
             replace(settings, consumer_max_deliveries=3), redis=redis_client, database=database

@@ -68,7 +68,7 @@ async def target(start_server: StartServer, settings: Settings) -> AsyncIterator
     token, entry = api_key("ts-client")
     server = await start_server(auth_mode=AuthMode.REQUIRED, api_keys=(entry,))
     database = Database.from_settings(settings)
-    redis_client = create_redis(settings)
+    redis_client = await create_redis(settings)
     worker = PersistenceWorker.from_settings(settings, redis=redis_client, database=database)
     consumer = asyncio.create_task(worker.run())
     try:

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 
 from server import constants
-from server.config import Settings, SettingsError
+from server.config import RedisClusterMode, Settings, SettingsError
 from server.devenv import read_dev_env
 from server.redis_client import create_redis
 
@@ -26,8 +26,8 @@ class RedisEnv:
     """What a Redis-only command reads from the environment."""
 
     settings: Settings
-    """CHATSTREAM_REDIS_URL and CHATSTREAM_SHARDS; every other field keeps its default, and
-    ``database_url`` is empty: these commands never open the database."""
+    """CHATSTREAM_REDIS_URL, CHATSTREAM_REDIS_CLUSTER and CHATSTREAM_SHARDS; every other field
+    keeps its default, and ``database_url`` is empty: these commands never open the database."""
     source: str
     """Where the URL came from, for messages (the URL itself may hold a password)."""
 
@@ -59,8 +59,22 @@ class RedisEnv:
                 )
             source = f"the Redis of `chatstream dev` ({dev.path})"
         return cls(
-            settings=Settings(database_url="", redis_url=redis_url, shards=_shards(env)), source=source
+            settings=Settings(
+                database_url="", redis_url=redis_url, shards=_shards(env), redis_cluster=_cluster_mode(env)
+            ),
+            source=source,
         )
+
+
+def _cluster_mode(env: Mapping[str, str]) -> RedisClusterMode:
+    raw = env.get(constants.ENV_REDIS_CLUSTER, "")
+    if raw == "":
+        return RedisClusterMode.AUTO
+    try:
+        return RedisClusterMode(raw.lower())
+    except ValueError:
+        allowed = "|".join(mode.value for mode in RedisClusterMode)
+        raise SettingsError(f"{constants.ENV_REDIS_CLUSTER} must be one of {allowed}, got {raw!r}") from None
 
 
 def _shards(env: Mapping[str, str]) -> int:
@@ -91,7 +105,7 @@ async def open_redis(env: RedisEnv) -> AsyncIterator[aioredis.Redis]:
     Raises:
         click.ClickException: Redis cannot be reached; the message says where it was looked for.
     """
-    client = create_redis(env.settings)
+    client = await create_redis(env.settings)
     try:
         yield client
     except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
