@@ -68,6 +68,12 @@ async def create_redis(settings: Settings) -> aioredis.Redis:
         retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries=_CLUSTER_RETRIES),
         **_CONNECTION_OPTIONS,
     )
+    try:
+        # Now, not at the first command: reading the slot map also replaces the one node the URL
+        # names by every node of the cluster, so losing that node later does not matter.
+        await cluster.initialize()
+    except redis_exceptions.ConnectionError as exc:
+        logger.warning("Redis Cluster unreachable (%s); its first command will try again", exc)
     return cast(aioredis.Redis, cluster)
 
 

@@ -124,9 +124,43 @@ class RedisCluster:
 
     def primary_of_slot(self) -> dict[tuple[int, int], int]:
         """Slot ranges and the port of the primary serving each, as the cluster reports them."""
-        with redis.Redis(port=next(iter(self._processes)), socket_timeout=2) as node:
-            slots = node.execute_command("CLUSTER SLOTS")
+        for port in self._processes:
+            try:
+                with redis.Redis(port=port, socket_timeout=2) as node:
+                    slots = node.execute_command("CLUSTER SLOTS")
+                break
+            except redis.exceptions.RedisError:
+                continue
+        else:
+            raise AssertionError("no node of the Redis Cluster answers")
         return {(int(start), int(end)): int(primary[1]) for start, end, primary, *_ in slots}
+
+    def primaries(self) -> set[int]:
+        return set(self.primary_of_slot().values())
+
+    def port_serving(self, slot: int) -> int:
+        """The port of the primary serving ``slot`` now."""
+        return next(port for (start, end), port in self.primary_of_slot().items() if start <= slot <= end)
+
+    def kill(self, port: int) -> None:
+        """kill -9 of one node; its data stays with its replica, if it had one."""
+        process = self._processes.pop(port)
+        process.kill()
+        process.wait(timeout=10)
+
+    def wait_failover(self, dead_port: int, *, timeout_s: float = 30) -> None:
+        """Until a replica serves what ``dead_port`` served and every live node is ok again."""
+        deadline = time.monotonic() + timeout_s
+        while dead_port in self.primaries():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no replica took over from 127.0.0.1:{dead_port}")
+            time.sleep(0.1)
+        self.wait_ok(timeout_s=max(1.0, deadline - time.monotonic()))
+
+    def restart(self, port: int) -> None:
+        """Starts a killed node again; its nodes.conf makes it rejoin, as a replica."""
+        self._start_node(port)
+        self.wait_ok()
 
     def close(self) -> None:
         for process in self._processes.values():
