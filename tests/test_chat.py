@@ -16,6 +16,9 @@ from server.constants import PERSISTENCE_GROUP, turns_stream
 from tests.conftest import Consume, StartServer, eventually, stream_lengths
 from tests.fake_anthropic import FakeAnthropic, Gate, Stream
 
+# Also on a real Redis Cluster (tests/conftest.py, CHATSTREAM_TEST_REDIS).
+pytestmark = pytest.mark.redis_cluster
+
 
 def _id(name: str) -> uuid.UUID:
     return uuid.UUID(name.rsplit("/", 1)[1])

@@ -25,6 +25,9 @@ from tests.fake_anthropic import FakeAnthropic, Stream
 from tests.processes import settings_env
 from tests.terminal import Terminal, run_cli
 
+# Also on a real Redis Cluster (tests/conftest.py, CHATSTREAM_TEST_REDIS).
+pytestmark = pytest.mark.redis_cluster
+
 SHARDS = range(4)
 
 

@@ -15,6 +15,9 @@ from server.turn_codec import decode_turn
 from tests.conftest import Consume
 from tests.fake_anthropic import FakeAnthropic, Stream
 
+# Also on a real Redis Cluster (tests/conftest.py, CHATSTREAM_TEST_REDIS).
+pytestmark = pytest.mark.redis_cluster
+
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 
 

@@ -76,7 +76,7 @@ async def test_consumer_metrics_count_persisted_messages(client: AsyncChatClient
     await client.chat_reply("persist me")
     metrics = Metrics()
     database = Database.from_settings(settings.database)
-    redis_client = create_redis(settings.redis)
+    redis_client = await create_redis(settings.redis)
     try:
         worker = PersistenceWorker.from_settings(
             settings.consumer,

@@ -32,11 +32,14 @@ from tests.conftest import Consume, StartServer, eventually, stream_entries, str
 from tests.fake_anthropic import FakeAnthropic, Gate, Stream
 from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
 
+# Also on a real Redis Cluster (tests/conftest.py, CHATSTREAM_TEST_REDIS).
+pytestmark = pytest.mark.redis_cluster
+
 
 @contextlib.asynccontextmanager
 async def _relay(settings: Settings, *, grace_s: float = 0.0) -> AsyncIterator[Relay]:
     database = Database.from_settings(settings.database)
-    redis_client = create_redis(settings.redis)
+    redis_client = await create_redis(settings.redis)
     try:
         yield Relay(
             database=database,
@@ -214,7 +217,7 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_persisted(
     for i in range(6):
         await client.chat_reply(f"m{i}")
     database = Database.from_settings(settings.database)
-    redis_client = create_redis(settings.redis)
+    redis_client = await create_redis(settings.redis)
     try:
         worker = PersistenceWorker.from_settings(
             settings.consumer, shards=settings.redis.shards, redis=redis_client, database=database
@@ -277,7 +280,7 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_k_deliveries(
         await redis.xadd(stream, encode_turn(turn))  # type: ignore[arg-type]
 
     database = Database.from_settings(settings.database)
-    redis_client = create_redis(settings.redis)
+    redis_client = await create_redis(settings.redis)
     try:
         worker = PersistenceWorker.from_settings(
             replace(settings.consumer, consumer_max_deliveries=3),

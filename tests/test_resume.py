@@ -26,6 +26,9 @@ from tests.fake_anthropic import FakeAnthropic, Stream
 from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
 from tests.proxy import CuttingProxy
 
+# Also on a real Redis Cluster (tests/conftest.py, CHATSTREAM_TEST_REDIS).
+pytestmark = pytest.mark.redis_cluster
+
 _WORDS = [f"w{i:02d} " for i in range(40)]
 _REPLY = "".join(_WORDS)
 _LEASE_S = 2

@@ -78,7 +78,7 @@ async def target(start_server: StartServer, settings: Settings) -> AsyncIterator
     token, entry = api_key("ts-client")
     server = await start_server(auth_mode=AuthMode.REQUIRED, api_keys=(entry,))
     database = Database.from_settings(settings.database)
-    redis_client = create_redis(settings.redis)
+    redis_client = await create_redis(settings.redis)
     worker = PersistenceWorker.from_settings(
         settings.consumer, shards=settings.redis.shards, redis=redis_client, database=database
     )

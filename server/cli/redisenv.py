@@ -78,7 +78,7 @@ async def open_redis(env: RedisEnv) -> AsyncIterator[aioredis.Redis]:
     Raises:
         click.ClickException: Redis cannot be reached; the message says where it was looked for.
     """
-    client = create_redis(env.redis)
+    client = await create_redis(env.redis)
     try:
         yield client
     except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:

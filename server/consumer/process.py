@@ -108,7 +108,7 @@ class ConsumerProcess:
         # Connects lazily: creating it needs no database yet.
         database = Database.from_settings(settings.database, application_name="chatstream-consumer")
         self._stack.push_async_callback(database.dispose)
-        redis = create_redis(settings.redis)
+        redis = await create_redis(settings.redis)
         self._stack.push_async_callback(redis.aclose)
         metrics = self._metrics
         if metrics is None:
