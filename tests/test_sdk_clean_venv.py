@@ -285,7 +285,9 @@ async def test_sdk_from_a_clean_venv_drives_the_server(
         kinds = stream["kinds"]
         assert (kinds[0], kinds[-1]) == ("started", "completed"), flavour
         assert set(kinds[1:-1]) == {"text_delta"}, flavour
-        assert stream["seqs"] == list(range(1, len(kinds) + 1)), flavour
+        # Numbered where produced: a joined delta carries its last part's number, so they may skip.
+        assert stream["seqs"][0] == 1, flavour
+        assert stream["seqs"] == sorted(set(stream["seqs"])), flavour
         assert stream["text"] == f"streamed {word}", flavour
         assert stream["conversation"] == run["reply"]["conversation"], flavour
         assert run["got"] == run["created"], flavour
