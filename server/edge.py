@@ -164,16 +164,21 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 slot.enter_context(self._limiter.admit(principal.owner))
             token = bind_principal(principal)
             try:
-                result = start()
-                if inspect.isasyncgen(result):
-                    async for response in cast(AsyncIterator[object], result):
-                        await context.write(response)
-                elif inspect.isawaitable(result):
-                    await result
-                else:
-                    raise TypeError(f"unsupported streaming handler result {type(result).__name__}")
+                await run_streaming(start(), context)
             finally:
                 unbind_principal(token)
+
+
+async def run_streaming(result: object, context: Context) -> None:
+    """Drives a response-streaming handler's result: an async generator's responses are
+    written to ``context``; a coroutine handler (one that writes itself) is awaited."""
+    if inspect.isasyncgen(result):
+        async for response in cast(AsyncIterator[object], result):
+            await context.write(response)
+    elif inspect.isawaitable(result):
+        await result
+    else:
+        raise TypeError(f"unsupported streaming handler result {type(result).__name__}")
 
 
 def _tolerant(

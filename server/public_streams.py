@@ -15,8 +15,7 @@ keepalive, idle and age limits) are gRPC channel arguments: ``server.app.server_
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar, cast
 
@@ -24,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from server.edge import run_streaming
 from server.errors import ErrorReason, InvalidArgumentError, ResourceExhaustedError
 from server.grpc_errors import abort_on_error
 
@@ -118,14 +118,7 @@ async def _within(count: StreamCount, context: Context, start: Callable[[], obje
             )
     count.open += 1
     try:
-        result = start()
-        if inspect.isasyncgen(result):
-            async for response in cast(AsyncIterator[object], result):
-                await context.write(response)
-        elif inspect.isawaitable(result):
-            await result
-        else:
-            raise TypeError(f"unsupported streaming handler result {type(result).__name__}")
+        await run_streaming(start(), context)
     finally:
         count.open -= 1
 

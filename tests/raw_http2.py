@@ -124,7 +124,13 @@ class RawHttp2:
         timeout_s: float = 5,
     ) -> RawResponse:
         """Sends one gRPC call (headers exactly as given, then one message) and reads its outcome."""
-        stream_id = self._conn.get_next_available_stream_id()
+        stream_id = self._call(method, message, metadata)
+        await self._flush()
+        return await self._read(stream_id, timeout_s)
+
+    def _call(self, method: str, message: bytes, metadata: Sequence[tuple[bytes, bytes]]) -> int:
+        """Queues one gRPC call: headers exactly as given, then one message; its stream id."""
+        stream_id: int = self._conn.get_next_available_stream_id()
         headers = [
             (b":method", b"POST"),
             (b":scheme", b"http"),
@@ -136,8 +142,7 @@ class RawHttp2:
         ]
         self._conn.send_headers(stream_id, headers)
         self._conn.send_data(stream_id, grpc_frame(message), end_stream=True)
-        await self._flush()
-        return await self._read(stream_id, timeout_s)
+        return stream_id
 
     async def stop_reading(self) -> None:
         """Announces a receive window of 0 for new streams: the server cannot send them any DATA."""
@@ -146,18 +151,7 @@ class RawHttp2:
 
     async def send(self, method: str, message: bytes, metadata: Sequence[tuple[bytes, bytes]] = ()) -> int:
         """Sends one gRPC call and returns its stream id without reading anything."""
-        stream_id = self._conn.get_next_available_stream_id()
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", method.encode()),
-            (b":authority", self._authority.encode()),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-            *metadata,
-        ]
-        self._conn.send_headers(stream_id, headers)
-        self._conn.send_data(stream_id, grpc_frame(message), end_stream=True)
+        stream_id = self._call(method, message, metadata)
         await self._flush()
         return stream_id
 
@@ -165,18 +159,7 @@ class RawHttp2:
         self, method: str, message: bytes, metadata: Sequence[tuple[bytes, bytes]] = ()
     ) -> None:
         """Sends one gRPC call and resets its stream (RST_STREAM CANCEL) in the same write."""
-        stream_id = self._conn.get_next_available_stream_id()
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", method.encode()),
-            (b":authority", self._authority.encode()),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-            *metadata,
-        ]
-        self._conn.send_headers(stream_id, headers)
-        self._conn.send_data(stream_id, grpc_frame(message), end_stream=True)
+        stream_id = self._call(method, message, metadata)
         self._conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
         await self._flush()
 
