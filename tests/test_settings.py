@@ -34,6 +34,7 @@ READ_ELSEWHERE: dict[str, str] = {
     "CHATSTREAM_TOKEN": "server/constants.py",
     "CHATSTREAM_TEST_DATABASE_URL": "tests/conftest.py",
     "CHATSTREAM_TEST_REDIS_URL": "tests/conftest.py",
+    "CHATSTREAM_TEST_REDIS": "tests/conftest.py",
     "CHATSTREAM_BENCH_DATABASE_URL": "bench/harness.py",
     "CHATSTREAM_BENCH_REDIS_URL": "bench/harness.py",
     # Injected by Kubernetes service links for a Service named `chatstream`; the manifests
