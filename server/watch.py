@@ -80,7 +80,10 @@ class TurnWatcher:
                         break  # trimmed past our resume point: the end comes from PostgreSQL
                     if not batch:
                         turn = await self._reload(turn)
-                        if turn.status.terminal and not await self._live_covers(turn, seq):
+                        if turn.status.terminal:
+                            # A whole silent period after the turn ended: its end is not in the
+                            # log after our seq (a producer killed before its last pipeline, or
+                            # a log that lost entries we saw), so it comes from PostgreSQL.
                             break
                         continue
                     for item in batch:
