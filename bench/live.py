@@ -66,14 +66,21 @@ async def _resume_once(proxy: CuttingProxy, fake: FakeAnthropic) -> tuple[float,
         proxy.cut()
         call.cancel()
     first: float | None = None
-    async with grpc.aio.insecure_channel(proxy.address) as channel:
-        stub = pb_grpc.ChatServiceStub(channel)
-        watch = stub.WatchTurn(pb.WatchTurnRequest(turn=turn, after_seq=seq, after_offset=len(text)))
-        async for response in watch:
-            if first is None:
-                first = time.perf_counter()
-            if response.event.HasField("text_delta"):
-                text += response.event.text_delta.text
+    for _ in range(5):  # as a client would: a resume that fails UNAVAILABLE is tried again
+        try:
+            async with grpc.aio.insecure_channel(proxy.address) as channel:
+                stub = pb_grpc.ChatServiceStub(channel)
+                watch = stub.WatchTurn(pb.WatchTurnRequest(turn=turn, after_seq=seq, after_offset=len(text)))
+                async for response in watch:
+                    if first is None:
+                        first = time.perf_counter()
+                    seq = response.event.seq
+                    if response.event.HasField("text_delta"):
+                        text += response.event.text_delta.text
+            break
+        except grpc.aio.AioRpcError as err:
+            if err.code() is not grpc.StatusCode.UNAVAILABLE:
+                raise
     assert first is not None
     return first - cut_at, text == "".join(_WORDS)
 
