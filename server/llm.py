@@ -112,6 +112,9 @@ class LlmClient:
             # The read timeout is the longest silence allowed mid-stream; the SDK's
             # default (10 minutes) would pin a turn that long on a stalled upstream.
             timeout=httpx2.Timeout(settings.llm_timeout_s, connect=5.0),
+            # The SDK's own aiohttp transport: the SDK keeps its auth, retries and error
+            # classes, and the per-delta and per-request CPU drop (docs/benchmarks.md).
+            http_client=anthropic.DefaultAioHttpClient(),
         )
         if not _has_credential(self._client):
             if base_url is None:
