@@ -29,6 +29,7 @@ from chatstream._common import (
     RetryPolicy,
     call_metadata,
     channel_options,
+    channel_target,
     chat_request,
     check_enter,
     check_open,
@@ -60,12 +61,20 @@ class AsyncChatClient:
 
     Close it once, preferably with `async with`; create it inside a running event loop.
     Every failed call raises `ChatClientError`. Reads (get and list) are retried by gRPC on
-    UNAVAILABLE; `chat` retries UNAVAILABLE itself, but only before its first event.
+    UNAVAILABLE; `chat` retries UNAVAILABLE itself before its first event, and resumes its
+    turn after a dropped connection.
+
+    One client can use several servers: give it several addresses, or a DNS name with a
+    record per server, and its calls take turns over them (gRPC's `round_robin`).
 
     Example:
         async with AsyncChatClient("localhost:50051", metadata=[("authorization", "Bearer t")]) as client:
             async for event in client.chat("Hello!"):
                 print(event)
+
+        # A fleet: every address of a name (a headless Kubernetes Service), or a list of IPs.
+        AsyncChatClient("dns:///chatstream.chat.svc.cluster.local:50051")
+        AsyncChatClient(["10.0.0.1:50051", "10.0.0.2:50051", "10.0.0.3:50051"])
     """
 
     _channel: grpc.aio.Channel
@@ -79,7 +88,7 @@ class AsyncChatClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
@@ -91,20 +100,32 @@ class AsyncChatClient:
         """Opens a channel to `target`; the client owns it and closes it in `close`.
 
         Args:
-            target: The server address, e.g. `chat.internal:443` or `localhost:50051`.
+            target: Where the servers are. One address (`chat.internal:443`,
+                `localhost:50051`) or any gRPC target string: `dns:///chat.internal:443` (a
+                connection to every address the name has), `ipv4:10.0.0.1:50051,10.0.0.2:50051`.
+                Or a sequence of addresses, which must then be IP addresses with their port,
+                all IPv4 or all IPv6 (`[fd00::1]:50051`); use a DNS name for host names. Calls
+                are balanced `round_robin` over the servers that are up, and a server that goes
+                away is reconnected in the background. With TLS and IP addresses, name the
+                certificate's host with the option `("grpc.ssl_target_name_override", host)`.
             credentials: TLS credentials (`grpc.ssl_channel_credentials()`); None for plaintext.
             metadata: Sent with every call, e.g. `[("authorization", "Bearer ...")]`.
             timeout: Default deadline of unary calls, and of each page of a list; None for none.
             chat_timeout: Default deadline of a whole `chat` call, retries included; None for none.
             retry_policy: How `chat` retries UNAVAILABLE before its first event.
             options: Extra gRPC channel options; a key given here replaces the client's own
-                (`grpc.service_config`, `grpc.enable_retries`).
+                (`grpc.service_config`, which holds `round_robin` and the retries of reads,
+                and `grpc.enable_retries`).
+
+        Raises:
+            ValueError: An empty sequence of addresses, or several that are not IP addresses.
         """
         merged = channel_options(options)
+        resolved = channel_target(target)
         channel = (
-            grpc.aio.insecure_channel(target, options=merged)
+            grpc.aio.insecure_channel(resolved, options=merged)
             if credentials is None
-            else grpc.aio.secure_channel(target, credentials, options=merged)
+            else grpc.aio.secure_channel(resolved, credentials, options=merged)
         )
         self._setup(
             channel,

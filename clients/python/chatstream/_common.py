@@ -1,8 +1,9 @@
-"""What the sync and async clients share: channel options, requests, retry timing, reply assembly."""
+"""What the sync and async clients share: targets, channel options, requests, retry timing, reply assembly."""
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import random
 import time
@@ -24,8 +25,12 @@ SERVICE_NAME: Final = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"
 # caller (Create is idempotent through request_id, Delete reports NOT_FOUND the second time).
 _RETRIED_READS: Final = ("GetConversation", "ListConversations", "ListMessages")
 
+# round_robin: a target that resolves to several servers (a list of addresses, a DNS name with
+# several records, a headless Kubernetes Service) gets a connection to each, and calls take
+# turns over the ready ones. With one address it behaves as gRPC's default, pick_first.
 SERVICE_CONFIG: Final = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{"service": SERVICE_NAME, "method": method} for method in _RETRIED_READS],
@@ -37,7 +42,7 @@ SERVICE_CONFIG: Final = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 
@@ -210,6 +215,48 @@ def check_open(state: ClientState) -> None:
     """Refuses a call on a closed client, which gRPC would report with a less helpful error."""
     if state is ClientState.CLOSED:
         raise RuntimeError("this chatstream client is closed")
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """The gRPC target of one server address, of a gRPC target string, or of several addresses.
+
+    A string is gRPC's own: `host:port`, `dns:///host:port` (every record of the name),
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`, `unix:/path`. A sequence of one address is that
+    address. Several addresses must be IP addresses with their port, all IPv4 or all IPv6
+    (`[fd00::1]:50051`): gRPC resolves a list of names only as one DNS name.
+
+    Raises:
+        ValueError: An empty sequence, or several addresses that are not all IPv4 or all IPv6.
+    """
+    if isinstance(target, str):
+        return target
+    addresses = list(target)
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    parsed = [_ip_with_port(address) for address in addresses]
+    versions = {ip.version for ip in parsed if ip is not None}
+    if None in parsed or len(versions) != 1:
+        raise ValueError(
+            "several server addresses must be IP addresses with a port, all IPv4 or all IPv6 "
+            "(10.0.0.1:50051, [fd00::1]:50051); for host names give one DNS name that has a "
+            f"record per server, e.g. 'dns:///chat.internal:50051'; got {addresses!r}"
+        )
+    return f"ipv{versions.pop()}:{','.join(addresses)}"
+
+
+def _ip_with_port(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        return None
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        return None
+    # gRPC's ipv6: scheme wants the brackets, and without them the port is ambiguous.
+    return ip if bracketed == (ip.version == 6) else None
 
 
 def seconds(timeout: timedelta | None, default: timedelta | None) -> float | None:
