@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import json
 import random
@@ -67,10 +68,16 @@ class RetryPolicy:
     resume_window: timedelta = timedelta(seconds=30)
     """How long a stream whose turn is known keeps trying to resume after its connection
     failed (a server restarting, a failover), waiting at most `max_backoff` between tries."""
+    max_restarts: int = 1
+    """How many times one `chat` call starts its turn again after the server producing it
+    died (the turn ended INTERRUPTED); 0 never does. Each restart runs the model again, and a
+    request that kills its server would take down one more replica per restart, hence 1."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be at least 0, got {self.max_restarts}")
         if self.backoff_multiplier < 1:
             raise ValueError(f"backoff_multiplier must be at least 1, got {self.backoff_multiplier}")
 
@@ -107,25 +114,34 @@ class ChatReply:
     replay: bool
     """True when the server replayed a turn already stored for this `request_id`."""
     events: int
-    """How many events the stream carried."""
+    """How many events the stream carried (those of restarted turns included)."""
+    restarts: int = 0
+    """How many times the turn was started again because the server producing it died; the
+    other fields, `text` included, are those of the last turn only."""
 
 
 class ReplyBuilder:
-    """Folds the events of one turn into a `ChatReply`."""
+    """Folds the events of one `chat` call into a `ChatReply`: those after its last `started`."""
 
-    __slots__ = ("_completed", "_events", "_started", "_text")
+    __slots__ = ("_completed", "_events", "_restarts", "_started", "_text")
 
     def __init__(self) -> None:
         self._started: chat_service_pb2.TurnStarted | None = None
         self._completed: chat_service_pb2.TurnCompleted | None = None
         self._text: list[str] = []
         self._events = 0
+        self._restarts = 0
 
     def add(self, event: chat_service_pb2.TurnEvent) -> None:
         """Takes the next event of the stream."""
         self._events += 1
         match event.WhichOneof("kind"):
             case "started":
+                if self._started is not None:
+                    # A restart (see `chat`): the text so far belongs to the interrupted turn.
+                    self._restarts += 1
+                    self._text.clear()
+                    self._completed = None
                 self._started = event.started
             case "text_delta":
                 self._text.append(event.text_delta.text)
@@ -156,6 +172,7 @@ class ReplyBuilder:
             model=self._completed.model,
             replay=self._started.replay,
             events=self._events,
+            restarts=self._restarts,
         )
 
 
@@ -294,9 +311,10 @@ class ResumePoint:
     Everything a `WatchTurn` needs to go on from there, on whichever server answers.
     """
 
-    __slots__ = ("completed", "failing_since", "offset", "seq", "turn")
+    __slots__ = ("completed", "conversation", "failing_since", "offset", "seq", "turn")
 
     def __init__(self, turn: str = "", *, seq: int = 0, offset: int = 0) -> None:
+        self.conversation = ""
         self.turn = turn
         self.seq = seq
         self.offset = offset
@@ -312,6 +330,7 @@ class ResumePoint:
         self.seq = event.seq
         match event.WhichOneof("kind"):
             case "started":
+                self.conversation = event.started.conversation
                 self.turn = event.started.turn
             case "text_delta":
                 self.offset = event.text_delta.offset + len(event.text_delta.text)
@@ -352,6 +371,50 @@ def resume_delay_s(
     if remaining_s is not None and delay_s >= remaining_s:
         return None
     return delay_s
+
+
+def restart_wanted(
+    policy: RetryPolicy, *, event: chat_service_pb2.TurnEvent, restarts: int, deadline: Deadline
+) -> bool:
+    """Whether `chat` starts its turn again rather than pass on this event.
+
+    Only the terminal event of a turn whose producing server died qualifies: status
+    INTERRUPTED, which the server sets only when the turn's lease expired, never for a
+    cancel (CANCELLED), a deadline (CANCELLED) or a model failure (FAILED). Restarts and
+    time must remain.
+    """
+    if (
+        event.WhichOneof("kind") != "completed"
+        or event.completed.status != chat_service_pb2.TURN_STATUS_INTERRUPTED
+        or restarts >= policy.max_restarts
+    ):
+        return False
+    remaining_s = deadline.remaining_s()
+    return remaining_s is None or remaining_s > 0
+
+
+_MAX_REQUEST_ID_CHARS: Final = 128
+
+
+def restart_request(
+    request: chat_service_pb2.ChatRequest, *, conversation: str, restart: int
+) -> chat_service_pb2.ChatRequest:
+    """The request that starts an interrupted turn again: its message, in its conversation.
+
+    The server keeps one turn per `request_id` and replays an ended one, an INTERRUPTED one
+    included, so a restart needs a key of its own. It is derived from the call's key so that
+    it is idempotent too: the call retried with the same `request_id` replays the interrupted
+    turn, then attaches to (or replays) the restart it made the first time.
+    """
+    suffix = f":restart:{restart}"
+    key = request.request_id
+    if len(key) + len(suffix) > _MAX_REQUEST_ID_CHARS:
+        key = hashlib.sha256(key.encode()).hexdigest()
+    restarted = chat_service_pb2.ChatRequest()
+    restarted.CopyFrom(request)
+    restarted.conversation = conversation
+    restarted.request_id = key + suffix
+    return restarted
 
 
 def channel_options(options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
