@@ -50,11 +50,13 @@ SERVICE_CONFIG: Final = json.dumps(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
-    """How `chat` retries a call that failed with UNAVAILABLE before its first event.
+    """How `chat` retries a call that failed with UNAVAILABLE before its first event, resumes
+    a turn whose connection dropped, and restarts a turn whose server died.
 
     A retry reuses the call's `request_id`, so the server never runs the model twice for it.
     Once an event has arrived the call is never retried: the caller has already seen part
-    of the turn.
+    of the turn, so it is resumed (`resume_window`), or, once the turn ended INTERRUPTED,
+    started again as a new turn (`max_restarts`).
     """
 
     max_attempts: int = 4

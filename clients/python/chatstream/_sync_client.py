@@ -107,7 +107,7 @@ class ChatClient:
             metadata: Sent with every call, e.g. `[("authorization", "Bearer ...")]`.
             timeout: Default deadline of unary calls, and of each page of a list; None for none.
             chat_timeout: Default deadline of a whole `chat` call, retries included; None for none.
-            retry_policy: How `chat` retries UNAVAILABLE before its first event.
+            retry_policy: How `chat` retries, resumes and restarts (see `RetryPolicy`).
             options: Extra gRPC channel options; a key given here replaces the client's own
                 (`grpc.service_config`, which holds `round_robin` and the retries of reads,
                 and `grpc.enable_retries`).
