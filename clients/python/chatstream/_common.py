@@ -28,7 +28,8 @@ _RETRIED_READS: Final = ("GetConversation", "ListConversations", "ListMessages")
 
 # round_robin: a target that resolves to several servers (a list of addresses, a DNS name with
 # several records, a headless Kubernetes Service) gets a connection to each, and calls take
-# turns over the ready ones. With one address it behaves as gRPC's default, pick_first.
+# turns over the ready ones. With one address it is the same as gRPC's default, pick_first;
+# an address that does not answer (say ::1 of localhost) only gets reconnects in the background.
 SERVICE_CONFIG: Final = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
