@@ -22,7 +22,8 @@ from server.anthropic_sse import (
 )
 from server.app import ChatServer
 from tests.conftest import Consume, StartServer, eventually
-from tests.fake_anthropic import Error, FakeAnthropic, Raw, Script, Stream
+from tests.fake_anthropic import Error, FakeAnthropic, Raw, Script, StallBeforeHeaders, Stream
+from tests.proxy import CuttingProxy
 
 
 async def _turn_row(db: asyncpg.Connection) -> asyncpg.Record:
@@ -123,6 +124,31 @@ async def test_upstream_failure_ends_the_turn_failed_with_partial_text_and_a_cle
     await consume()
     statuses = await db.fetch("SELECT role, turn_status, text FROM chat.messages ORDER BY role")
     assert [tuple(r) for r in statuses] == [(1, "FAILED", "hi"), (2, "FAILED", partial)]
+
+
+async def test_a_caller_that_leaves_before_its_turn_is_named_still_ends_it_cancelled(
+    start_server: StartServer, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """The SDK asks the server to keep a turn going without its connection (so that it can
+    resume); a caller that leaves before TurnStarted arrived must still stop that turn."""
+    server = await start_server()
+    fake.script(StallBeforeHeaders())
+    async with CuttingProxy([server.address]) as proxy, AsyncChatClient(proxy.address) as client:
+        await client.create_conversation()  # the connection is up before the replies are held
+        proxy.hold_replies()
+        task = asyncio.create_task(client.chat_reply("never answered"))
+        await fake.wait_for_requests(1, timeout=5)
+        task.cancel()
+        proxy.release_replies()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+        async def recorded() -> bool:
+            row = await db.fetchrow("SELECT status, assistant_text FROM chat.turns")
+            return row is not None and tuple(row) == ("CANCELLED", "")
+
+        await eventually(recorded, what="the turn to be CANCELLED")
+    assert await db.fetchval("SELECT count(*) FROM chat.turns") == 1
 
 
 async def test_any_line_ending_and_any_read_boundary_give_the_same_reply(
@@ -229,8 +255,6 @@ async def test_turn_recording_survives_the_caller_going_away_during_the_model_wa
     client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
     """Cancelled before any token: the turn still ends in exactly one terminal status."""
-    from tests.fake_anthropic import StallBeforeHeaders
-
     fake.script(StallBeforeHeaders())
     task = asyncio.create_task(client.chat_reply("never answered"))
     await fake.wait_for_requests(1, timeout=5)

@@ -337,6 +337,7 @@ class ChatClient:
         """
         attempt = 0
         restarts = 0
+        caller_left = False
         try:
             while True:
                 attempt += 1
@@ -388,11 +389,45 @@ class ChatClient:
                     # break, its own exception or cancellation).
                     call.cancel()
                 time.sleep(delay_s)
+        except ChatClientError:
+            raise
+        except BaseException:
+            # The consumer left early: close, break, its own exception or cancellation.
+            caller_left = True
+            raise
         finally:
-            if resume and position.turn and not position.completed:
+            if resume and not position.completed:
                 # The server keeps producing a resumable turn without its connection; the
                 # caller is gone for good, so stop the turn.
-                self._cancel_quietly(position.turn)
+                if position.turn:
+                    self._cancel_quietly(position.turn)
+                elif request is not None and caller_left:
+                    self._cancel_unseen(request)
+
+    def _cancel_unseen(self, request: chat_service_pb2.ChatRequest) -> None:
+        """Cancels the turn of a caller that left before the turn's name arrived.
+
+        The request may have started a turn that goes on without its connection. Sending it
+        again (same `request_id`) attaches to that turn, or starts it if the first never
+        arrived, and its first event names it; the caller leaving again cancels it anyway
+        (`ON_DISCONNECT_CANCEL`).
+        """
+        probe = chat_service_pb2.ChatRequest()
+        probe.CopyFrom(request)
+        probe.on_disconnect = chat_service_pb2.ON_DISCONNECT_CANCEL
+        call: _ResponseStream = self._stub.Chat(probe, timeout=5.0, metadata=self._metadata)
+        turn = ""
+        try:
+            for response in call:
+                turn = response.event.started.turn
+                break
+        except grpc.RpcError as err:
+            # Best effort, as in `_cancel_quietly`.
+            logger.debug("finding the turn of request %s failed: %s", request.request_id, err.code())
+        finally:
+            call.cancel()
+        if turn:
+            self._cancel_quietly(turn)
 
     def _cancel_quietly(self, turn: str) -> None:
         try:
