@@ -18,7 +18,9 @@ keeps it in ``bench/results/capacity-<what>-<time>.json``. docs/scaling.md reads
   a delta's pipeline is XADD with MAXLEN ~ + PEXPIRE + EXISTS of the cancel flag); ``persist`` (the
   end of a turn as ``Producer._publish_and_cache`` sends it, XADD of ``encode_turn`` to the shard
   plus SET of the context cache entry of a 5th turn, and one consumer process reading every shard
-  with XREADGROUP COUNT 200 and XACKing); then ``redis-benchmark`` (the C client) for PING and a
+  with XREADGROUP COUNT 200 and XACKing); ``live-batched`` (not what chatstream sends today: the
+  same deltas from one writer per process, 100 turns per pipeline, TTL and cancel flag once a
+  second, to size that change); then ``redis-benchmark`` (the C client) for PING and a
   live-log XADD, as a reference of what one Redis does when the client is cheap.
 - ``postgres``: embedded PostgreSQL (as bench/run.py uses). Workloads: ``turns`` (unit of work 1
   and unit of work 2 through ``turn_store``, 500-token replies, 5 turns per conversation);
@@ -251,6 +253,29 @@ async def _redis_worker(
             counts["commands"] += 3
             counts["turns"] += 1
 
+    async def live_batched() -> None:
+        # NOT what chatstream sends today: the live log written by one writer per process, one
+        # pipeline for 100 turns' deltas, each turn's TTL refresh and cancel-flag look once a
+        # second (every 20th delta at 20 tokens/s). The size of that lever (docs/scaling.md).
+        turns = [uuid.uuid4() for _ in range(100)]
+        seq = 1
+        while time.monotonic() < end:
+            seq += 1
+            async with redis.pipeline(transaction=False) as pipe:
+                for i, turn_id in enumerate(turns):
+                    item = Sequenced(seq, TextDelta(text=" the", offset=4 * seq))
+                    pipe.xadd(live_key(turn_id), encode(item), id=f"{seq}-0", maxlen=10_000, approximate=True)
+                    if (i + seq) % 20 == 0:
+                        pipe.pexpire(live_key(turn_id), ttl_ms)
+                        pipe.exists(cancel_key(turn_id))
+                        counts["commands"] += 2
+                await pipe.execute()
+            counts["round_trips"] += 1
+            counts["commands"] += len(turns)
+            counts["deltas"] += len(turns)
+            if seq > REPLY_TOKENS:
+                turns, seq = [uuid.uuid4() for _ in range(100)], 1
+
     context = ContextStore(redis, None, max_turns=50, ttl_s=3600)  # type: ignore[arg-type]  # entry() reads neither
 
     async def publish() -> None:
@@ -309,6 +334,8 @@ async def _redis_worker(
         jobs = [ping] * concurrency
     elif workload == "live":
         jobs = [live] * concurrency
+    elif workload == "live-batched":
+        jobs = [live_batched] * max(concurrency // 16, 1)
     elif workload == "publish":
         jobs = [publish] * concurrency
     elif workload == "consume":
@@ -445,7 +472,7 @@ def measure_redis(args: argparse.Namespace) -> dict[str, Any]:
         log(f"redis-server {version} on {url} (pid {pid}), appendonly everysec")
         runs: list[dict[str, Any]] = []
         for rep in range(args.reps):
-            for workload in ("ping", "live", "persist"):
+            for workload in ("ping", "live", "persist", "live-batched"):
                 log(f"rep {rep + 1}: {workload}")
                 runs.append(
                     _redis_run(
@@ -491,6 +518,7 @@ def _redis_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "live_us_per_delta": median("live", "per_delta"),
         "live_round_trip_x_ping": round(live_rt / ping, 2) if ping and live_rt else None,
         "persist_us_per_turn": median("persist", "per_turn"),
+        "live_batched_us_per_delta": median("live-batched", "per_delta"),
     }
 
 
@@ -514,7 +542,11 @@ async def _measured(
     wal0 = await _pg_wal(dsn)
     cpu = CpuWindow({"postgres": [pg_pid], "client": [os.getpid()]})
     cpu.start()
+    started = time.monotonic()
     counts = await run()
+    elapsed = time.monotonic() - started
+    # Backends of connections the workload closed count once the postmaster has reaped them.
+    await asyncio.sleep(0.3)
     window = cpu.stop()
     wal = await _pg_wal(dsn) - wal0
     result: dict[str, Any] = {"workload": name, **counts, "cpu_s": window, "wal_bytes": wal}
@@ -524,10 +556,10 @@ async def _measured(
         if counts.get(unit):
             per[f"pg_cpu_us_per_{unit[:-1]}"] = round(window["postgres"] / counts[unit] * 1e6, 1)
             per[f"wal_bytes_per_{unit[:-1]}"] = round(wal / counts[unit])
-            per[f"{unit}_per_s"] = round(counts[unit] / window["wall_s"], 1)
-    result.update(per)
+            per[f"{unit}_per_s"] = round(counts[unit] / elapsed, 1)
+    result.update(per, elapsed_s=round(elapsed, 3))
     log(
-        f"  {name}: {per}; postgres {window['postgres']:.2f}s CPU in {window['wall_s']:.1f}s; "
+        f"  {name}: {per}; postgres {window['postgres']:.2f}s CPU in {elapsed:.1f}s; "
         f"other {result['other_share']:.0%}"
     )
     return result
@@ -617,24 +649,32 @@ async def _postgres(
         async def one_process(group: list[uuid.UUID]) -> None:
             while time.monotonic() < end:
                 async with database.autocommit("renew leases") as conn:
-                    counts["rows"] += await lease_store.renew_leases(conn, turn_ids=group, lease=lease)
+                    # Awaited first: `counts[k] += await f()` reads counts[k] before the await,
+                    # and concurrent tasks would overwrite each other's additions.
+                    renewed = await lease_store.renew_leases(conn, turn_ids=group, lease=lease)
+                counts["rows"] += renewed
                 counts["statements"] += 1
 
         groups = [streaming[i : i + 200] for i in range(0, len(streaming), 200)]
         return await _gather_counts(counts, [one_process(g) for g in groups])
 
-    # The consumer's batch and its floors, on completed turns that exist (as in P5).
+    # The consumer's batch and its floors, on completed turns that exist (as in P5); each rep
+    # gets turns of its own, the floors the same rows as the first.
     n_turns = args.batch_turns
-    filled = await backlog.fill(
-        dsn,
-        redis_url,
-        shards=SHARDS,
-        n_turns=n_turns,
-        turns_per_conversation=4,
-        reply_tokens=REPLY_TOKENS,
-        reply=reply,
-    )
-    records = backlog.message_records(filled.turns)
+    backlogs = [
+        await backlog.fill(
+            dsn,
+            redis_url,
+            shards=SHARDS,
+            n_turns=n_turns,
+            turns_per_conversation=4,
+            reply_tokens=REPLY_TOKENS,
+            reply=reply,
+        )
+        for _ in range(args.reps)
+    ]
+    records = backlog.message_records(backlogs[0].turns)
+    filled = backlogs[0]
 
     async def batch() -> dict[str, float]:
         queue = [filled.turns[i : i + BATCH] for i in range(0, len(filled.turns), BATCH)]
@@ -643,7 +683,8 @@ async def _postgres(
         async def one_shard() -> None:
             while queue:
                 part = queue.pop()
-                counts["rows"] += await message_store.insert_messages(database, part)
+                inserted = await message_store.insert_messages(database, part)
+                counts["rows"] += inserted
                 counts["statements"] += 1
 
         return await _gather_counts(counts, [one_shard() for _ in range(SHARDS)])
@@ -694,8 +735,8 @@ async def _postgres(
             log(f"rep {rep + 1}")
             runs.append(await _measured("turns (units of work 1 and 2)", dsn, pg_pid, turns))
             runs.append(await _measured("lease renewal, 200 turns per statement", dsn, pg_pid, leases))
-            if rep == 0:
-                runs.append(await _measured("consumer batch statement (insert_messages)", dsn, pg_pid, batch))
+            filled = backlogs[rep]
+            runs.append(await _measured("consumer batch statement (insert_messages)", dsn, pg_pid, batch))
             runs.append(
                 await _measured("raw executemany, 400 rows per transaction", dsn, pg_pid, raw_executemany)
             )
