@@ -819,7 +819,8 @@ def measure_consumers(args: argparse.Namespace) -> dict[str, Any]:
                         shards=1,
                         n_turns=args.batch_turns,
                         turns_per_conversation=4,
-                        reply_tokens=20,
+                        reply_tokens=args.reply_tokens,
+                        reply=reply_text() if args.reply_tokens == REPLY_TOKENS else None,
                     )
                 )
                 env = env_with(
@@ -830,6 +831,10 @@ def measure_consumers(args: argparse.Namespace) -> dict[str, Any]:
                         "CHATSTREAM_LOG_LEVEL": "WARNING",
                     }
                 )
+                # The consumers are this process's children: their CPU counts here once reaped.
+                stores = [pid for pid in (svc.pg_pid, svc.redis_pid) if pid]
+                cpu = CpuWindow({"consumers": [os.getpid()], "stores": stores})
+                cpu.start()
                 started = time.monotonic()
                 children = [
                     subprocess.Popen(
@@ -841,6 +846,7 @@ def measure_consumers(args: argparse.Namespace) -> dict[str, Any]:
                 ]
                 codes = [c.wait(600) for c in children]
                 wall = time.monotonic() - started
+                window = cpu.stop()
                 check = asyncio.run(backlog.persisted(dsn))
                 span = check["persisted_at_span_s"] or 0.0
                 turns_per_s = args.batch_turns / span if span else None
@@ -853,10 +859,17 @@ def measure_consumers(args: argparse.Namespace) -> dict[str, Any]:
                         "commit_span_s": span,
                         "turns_per_s": round(turns_per_s, 1) if turns_per_s else None,
                         "persisted": check,
+                        "cpu_s": window,
+                        "other_share": round(max(window["other"], 0) / window["available"], 3),
                     }
                 )
                 log(f"  {consumers} consumer(s) on 1 shard: {results[-1]}")
-    return {"what": "consumers", "turns": args.batch_turns, "runs": results}
+    return {
+        "what": "consumers",
+        "turns": args.batch_turns,
+        "reply_tokens": args.reply_tokens,
+        "runs": results,
+    }
 
 
 async def _reset(dsn: str, redis_url: str) -> None:
@@ -890,6 +903,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2, help="repetitions of each workload")
     parser.add_argument("--procs", type=int, default=2, help="redis: load processes per workload")
     parser.add_argument("--concurrency", type=int, default=64, help="redis: coroutines per load process")
+    parser.add_argument(
+        "--reply-tokens", type=int, default=20, help="consumers: tokens per reply (20 as in P5, or 500)"
+    )
     parser.add_argument(
         "--batch-turns", type=int, default=10_000, help="postgres/consumers: backlog size in turns"
     )
