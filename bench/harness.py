@@ -118,6 +118,10 @@ class Config:
             cfg.reps = max(args.reps, 1)
         if args.p3_streams is not None:
             cfg.p3_streams = args.p3_streams
+        if args.p3_steps:
+            steps = sorted({int(n) for n in args.p3_steps.split(",")})
+            cfg.p3_steps = [n for n in steps if n > cfg.p3_streams]
+            cfg.p3_steps_down = [n for n in reversed(steps) if n < cfg.p3_streams]
         if args.p5_turns is not None:
             cfg.p5_turns = args.p5_turns
         if args.no_profile:
@@ -1143,6 +1147,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated phases, e.g. P1,P2")
     parser.add_argument("--reps", type=int, help="repetitions of P1, P2 and P4 (default 3; 1 with --quick)")
     parser.add_argument("--p3-streams", type=int, help="P3's concurrent streams (default 1000)")
+    parser.add_argument(
+        "--p3-steps",
+        help="P3's other sizes, e.g. 150,200,300: those above --p3-streams are tried while they pass, "
+        "those below (largest first) until one passes if the main run failed",
+    )
     parser.add_argument("--p5-turns", type=int, help="P5's backlog size in turns (default 20000)")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument("--profile", action="store_true", help="profile P1/P4 even with --quick")
