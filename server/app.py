@@ -22,6 +22,7 @@ from server.db.engine import Database
 from server.edge import EdgeInterceptor
 from server.leases import TurnLeases
 from server.limits import StreamLimiter
+from server.live import LiveLog
 from server.llm import LlmClient
 from server.metrics import Metrics, serve_metrics
 from server.production import Producer
@@ -184,6 +185,11 @@ class ChatServer:
         renewals = asyncio.create_task(leases.renew_forever(), name="lease renewal")
         self._stack.push_async_callback(_cancel_and_wait, renewals)
         publisher = TurnPublisher(redis, shards=settings.redis.shards)
+        live_log = None
+        if settings.turns.live_log:
+            live_log = LiveLog(redis, ttl_s=settings.turns.live_ttl_s, maxlen=settings.turns.live_maxlen)
+            live_log.start()
+            self._stack.push_async_callback(live_log.close)
         producer = Producer(
             settings=settings,
             database=database,
@@ -193,6 +199,7 @@ class ChatServer:
             publisher=publisher,
             leases=leases,
             metrics=self.metrics,
+            live_log=live_log,
         )
         watcher = TurnWatcher(
             database=database,

@@ -2,10 +2,11 @@
 
 While a turn streams, its numbered events go to the stream ``chat:live:{<turn_id>}``, whose
 entry ids are ``<seq>-0``: a resume point is an entry id, and XRANGE/XREAD from it give
-exactly the events after it. The producer writes in the background, a pipeline at a time
-(events that pile up meanwhile go together in the next one), so the relay path never waits
-for Redis. Each pipeline refreshes the log's TTL (only the producer does) and reads the
-turn's cancel flag, which is how ``CancelTurn`` on any replica reaches the producer. The
+exactly the events after it. One writer per process (``LiveLog``) writes every turn's
+events in the background, a pipeline at a time (what piles up meanwhile, across turns, goes
+together in the next one), so the relay path never waits for Redis. The writer refreshes
+each log's TTL (only the producer's process does) and reads each turn's cancel flag, which
+is how ``CancelTurn`` on any replica reaches the producer. The
 log is bounded (MAXLEN) and ends with the terminal event. Each turn's start is also noted
 in its conversation's stream, ``chat:live:conv:{<conversation_id>}``, for WatchConversation.
 
@@ -32,8 +33,12 @@ from server.domain import Sequenced, TextDelta, TurnCompleted, TurnStarted, Turn
 
 logger = logging.getLogger(__name__)
 
-# How often the writer looks at the cancel flag while no event flows (a stalled upstream).
-_IDLE_TICK_S: Final = 0.25
+# How often the writer reads the cancel flag of every turn it writes for: CancelTurn on any
+# replica reaches the producer within this much, plus one pipeline.
+_CANCEL_CHECK_S: Final = 0.25
+# How often a streaming turn's TTL is refreshed; its last write refreshes it too, so the
+# log lives CHATSTREAM_LIVE_TTL_S after the turn ends.
+_TTL_REFRESH_S: Final = 1.0
 _WRITE_TIMEOUT_S: Final = 2.0
 _CONVERSATION_MAXLEN: Final = 100
 
@@ -106,103 +111,170 @@ def decode(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Sequenced:
     raise ValueError(f"unknown live event kind {kind!r}")
 
 
-class LiveWriter:
-    """Writes one turn's events to its live log in the background; see the module docstring."""
+class LiveLog:
+    """The process's one writer of live logs: every turn's events go to Redis in shared pipelines.
 
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        *,
-        conversation_id: uuid.UUID,
-        turn_id: uuid.UUID,
-        ttl_s: float,
-        maxlen: int,
-        on_cancel: Callable[[], None],
-    ) -> None:
+    One background task writes for all the turns this process produces. Whatever piled up
+    across turns while its last pipeline was in flight goes in the next one, so a busy
+    process sends one round trip per tick rather than one per delta per turn; an idle one
+    writes each event at once. Each turn's TTL is refreshed on its first and last write
+    and at most every ``_TTL_REFRESH_S`` in between, and every open turn's cancel flag is
+    read every ``_CANCEL_CHECK_S``, all in the same pipelines.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, ttl_s: float, maxlen: int) -> None:
         self._redis = redis
-        self._conversation_id = conversation_id
-        self._turn_id = turn_id
-        self._key = live_key(turn_id)
-        self._cancel_key = cancel_key(turn_id)
         self._ttl_ms = int(ttl_s * 1000)
         self._maxlen = maxlen
-        self._on_cancel = on_cancel
-        self._pending: list[Sequenced] = []
+        self._open: dict[uuid.UUID, TurnLog] = {}
+        self._dirty: dict[uuid.UUID, TurnLog] = {}
         self._wake = asyncio.Event()
-        self._closed = False
-        self._failed_before = False
+        self._next_check = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Starts the background writer."""
-        self._task = asyncio.create_task(self._run(), name=f"live log {self._turn_id}")
-
-    def append(self, item: Sequenced) -> None:
-        """Queues an event; never waits."""
-        self._pending.append(item)
-        self._wake.set()
+        self._task = asyncio.create_task(self._run(), name="live log writer")
 
     async def close(self) -> None:
         """Writes what is queued (bounded in time) and stops the writer."""
-        self._closed = True
-        self._wake.set()
+        logs = list(self._open.values())
+        for log in logs:
+            log.closing = True
+            self._mark(log)
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=_WRITE_TIMEOUT_S * 2)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(log.written.wait() for log in logs)), timeout=_WRITE_TIMEOUT_S * 2
+                )
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def open(
+        self, *, conversation_id: uuid.UUID, turn_id: uuid.UUID, on_cancel: Callable[[], None]
+    ) -> TurnLog:
+        """The live log of one turn this process starts producing."""
+        log = TurnLog(self, conversation_id=conversation_id, turn_id=turn_id, on_cancel=on_cancel)
+        self._open[turn_id] = log
+        return log
+
+    def _mark(self, log: TurnLog) -> None:
+        self._dirty[log.turn_id] = log
+        self._wake.set()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            if not self._pending and not self._closed:
+            if not self._dirty:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), _IDLE_TICK_S)
-                self._wake.clear()
-            # The deltas that piled up during the last pipeline become one entry.
-            batch, self._pending = join_deltas(self._pending), []
-            cancelled = await self._write(batch)
-            if cancelled:
-                self._on_cancel()
-            if self._closed and not self._pending:
-                return
+                    await asyncio.wait_for(self._wake.wait(), _CANCEL_CHECK_S)
+            self._wake.clear()
+            batch, self._dirty = self._dirty, {}
+            now = loop.time()
+            checks: list[TurnLog] = []
+            if now >= self._next_check:
+                checks = list(self._open.values())
+                self._next_check = now + _CANCEL_CHECK_S
+            if batch or checks:
+                try:
+                    await self._write(list(batch.values()), checks, now)
+                except Exception:
+                    # One writer serves every turn of the process: it must outlive a bug.
+                    logger.exception("live log writer: a pipeline failed")
+            for log in batch.values():
+                if log.closing and not log.pending:
+                    self._open.pop(log.turn_id, None)
+                    log.written.set()
 
-    async def _write(self, batch: list[Sequenced]) -> bool:
-        """One pipeline: the events, the TTL, and a look at the cancel flag; True if it is set."""
+    async def _write(self, batch: list[TurnLog], checks: list[TurnLog], now: float) -> None:
+        """One pipeline: the batch's events and TTLs, and the cancel flags of ``checks``."""
+        owners: list[TurnLog] = []  # whose command each reply answers
         try:
             async with asyncio.timeout(_WRITE_TIMEOUT_S):
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for item in batch:
-                        pipe.xadd(
-                            self._key, encode(item), id=f"{item.seq}-0", maxlen=self._maxlen, approximate=True
-                        )
-                        if isinstance(item.event, TurnStarted):
+                    for log in batch:
+                        # The deltas that piled up since its last write become one entry.
+                        items, log.pending = join_deltas(log.pending), []
+                        for item in items:
                             pipe.xadd(
-                                conversation_key(self._conversation_id),
-                                {"t": str(self._turn_id)},
-                                maxlen=_CONVERSATION_MAXLEN,
+                                log.key,
+                                encode(item),
+                                id=f"{item.seq}-0",
+                                maxlen=self._maxlen,
                                 approximate=True,
                             )
-                            pipe.pexpire(conversation_key(self._conversation_id), self._ttl_ms)
-                    if batch:
-                        pipe.pexpire(self._key, self._ttl_ms)
-                    pipe.exists(self._cancel_key)
+                            owners.append(log)
+                            if isinstance(item.event, TurnStarted):
+                                conversation = conversation_key(log.conversation_id)
+                                pipe.xadd(
+                                    conversation,
+                                    {"t": str(log.turn_id)},
+                                    maxlen=_CONVERSATION_MAXLEN,
+                                    approximate=True,
+                                )
+                                pipe.pexpire(conversation, self._ttl_ms)
+                                owners += (log, log)
+                        if items and (log.closing or now - log.refreshed >= _TTL_REFRESH_S):
+                            pipe.pexpire(log.key, self._ttl_ms)
+                            owners.append(log)
+                            log.refreshed = now
+                    for log in checks:
+                        pipe.exists(log.cancel_key)
                     results = await pipe.execute(raise_on_error=False)
         except _REDIS_ERRORS as exc:
-            self._log_failure(exc)
-            return False
-        for result in results[:-1]:
+            for log in {id(log): log for log in [*batch, *checks]}.values():
+                log.failed(exc)
+            return
+        for log, result in zip(owners, results, strict=False):
             if isinstance(result, Exception):
-                self._log_failure(result)
-        flag = results[-1]
-        return not isinstance(flag, Exception) and bool(flag)
+                log.failed(result)
+        for log, flag in zip(checks, results[len(owners) :], strict=True):
+            if not isinstance(flag, Exception) and flag and not log.closing:
+                log.on_cancel()
 
-    def _log_failure(self, exc: BaseException) -> None:
+
+class TurnLog:
+    """One turn's live log, written by the process's ``LiveLog``."""
+
+    def __init__(
+        self,
+        writer: LiveLog,
+        *,
+        conversation_id: uuid.UUID,
+        turn_id: uuid.UUID,
+        on_cancel: Callable[[], None],
+    ) -> None:
+        self._writer = writer
+        self.conversation_id = conversation_id
+        self.turn_id = turn_id
+        self.key = live_key(turn_id)
+        self.cancel_key = cancel_key(turn_id)
+        self.on_cancel = on_cancel
+        self.pending: list[Sequenced] = []
+        self.refreshed = float("-inf")
+        """When the writer last refreshed the log's TTL (the loop's clock)."""
+        self.closing = False
+        self.written = asyncio.Event()
+        self._failed_before = False
+
+    def append(self, item: Sequenced) -> None:
+        """Queues an event; never waits."""
+        self.pending.append(item)
+        self._writer._mark(self)
+
+    async def close(self) -> None:
+        """Waits until what is queued is written (bounded in time); the log stays for watchers."""
+        self.closing = True
+        self._writer._mark(self)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.written.wait(), timeout=_WRITE_TIMEOUT_S * 2)
+
+    def failed(self, exc: BaseException) -> None:
         # Logged once per turn: a Redis outage must not flood the log at token rate.
         if not self._failed_before:
             self._failed_before = True
-            logger.warning("live log of turn %s: write failed (%s)", self._turn_id, exc.__class__.__name__)
+            logger.warning("live log of turn %s: write failed (%s)", self.turn_id, exc.__class__.__name__)
 
 
 async def request_cancel(redis: aioredis.Redis, turn_id: uuid.UUID, *, ttl_s: float) -> None:

@@ -38,7 +38,7 @@ from server.domain import (
 )
 from server.errors import ChatError, StorageUnavailableError, classify
 from server.leases import TurnLeases
-from server.live import LiveWriter
+from server.live import LiveLog
 from server.llm import LlmClient, ReplyEnded, ReplyStarted
 from server.metrics import Metrics
 from server.publisher import TurnPublisher
@@ -91,10 +91,13 @@ class Producer:
         publisher: TurnPublisher,
         leases: TurnLeases,
         metrics: Metrics,
+        live_log: LiveLog | None,
     ) -> None:
         self._settings = settings
         self._database = database
         self._redis = redis
+        self._live_log = live_log
+        """Where each turn's events go for watchers and resumes; None with the live log off."""
         self._llm = llm
         self._context = context
         self.publisher = publisher
@@ -120,16 +123,12 @@ class Producer:
             await self._end(production, [], ending, lambda item, *, caller=True: None)
             return
         live = None
-        if self._settings.turns.live_log:
-            live = LiveWriter(
-                self._redis,
+        if self._live_log is not None:
+            live = self._live_log.open(
                 conversation_id=turn.conversation_id,
                 turn_id=turn.id,
-                ttl_s=self._settings.turns.live_ttl_s,
-                maxlen=self._settings.turns.live_maxlen,
                 on_cancel=lambda: production.cancel("CANCELLED"),
             )
-            live.start()
 
         def emit(item: Sequenced, *, caller: bool = True) -> None:
             production.seq = item.seq
