@@ -67,7 +67,9 @@ def decode_turn(fields: Mapping[bytes, bytes]) -> Turn:
             created_at=datetime.fromisoformat(data["created_at"]),
             completed_at=None if completed_at is None else datetime.fromisoformat(completed_at),
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    # RecursionError: json's parser gives up on deeply nested values (in any field, even one
+    # the turn does not use); such an entry can never be decoded, like any malformed one.
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise EventDecodeError(f"malformed turn payload: {exc.__class__.__name__}: {exc}") from exc
     if not turn.status.terminal:
         raise EventDecodeError("turn payload is not in a terminal status")

@@ -159,6 +159,24 @@ async def test_undecodable_entry_goes_to_the_dead_letter_stream_not_silently_ack
     assert await db.fetchval("SELECT count(*) FROM chat.messages") == 2
 
 
+async def test_a_deeply_nested_payload_is_dead_lettered_and_the_consumer_carries_on(
+    client: AsyncChatClient, redis: aioredis.Redis, consume: Consume, db: asyncpg.Connection
+) -> None:
+    """Valid JSON too deep for the parser: poison, not a crash that would come back at every restart."""
+    fields = dict(_V1_ENTRY)
+    fields[b"turn"] = fields[b"turn"].replace(b'"r-1"', b"[" * 5000 + b"]" * 5000)
+    await redis.xadd(turns_stream(2), fields)  # type: ignore[arg-type]
+    await client.chat_reply("good")
+
+    stats = await consume()
+
+    assert stats.dead_lettered == 1
+    dead = cast(StreamEntries, await redis.xrange(DEAD_LETTER_STREAM))
+    assert [f[b"turn"] for _, f in dead] == [fields[b"turn"]]
+    assert b"RecursionError" in dead[0][1][b"dlq_error"]
+    assert await db.fetchval("SELECT count(*) FROM chat.messages") == 2
+
+
 async def test_consumer_trims_only_what_it_has_persisted(
     client: AsyncChatClient, redis: aioredis.Redis, consume: Consume
 ) -> None:
