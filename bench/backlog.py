@@ -26,8 +26,8 @@ import redis.asyncio as aioredis
 
 from bench.common import body_text, first_token
 from server.constants import turns_stream
-from server.db.message_store import message_id
 from server.domain import Role, Turn, TurnStatus, Usage
+from server.message_ids import message_id
 from server.publisher import shard_for
 from server.turn_codec import encode_turn
 
