@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from server import constants
 from server.envvars import EnvVar, env, env_var, load_group, split_list
 from server.envvars import SettingsError as SettingsError  # re-exported: callers catch it from here
+from server.limit_settings import AdmissionSettings as AdmissionSettings  # re-exported, as the next
 from server.limit_settings import LimitsSettings as LimitsSettings  # re-exported: one import for every group
 
 
@@ -314,6 +315,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     connections: ConnectionsSettings = field(default_factory=ConnectionsSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
@@ -331,6 +333,7 @@ class Settings:
             auth=load_group(AuthSettings, env),
             tls=load_group(TlsSettings, env),
             limits=load_group(LimitsSettings, env),
+            admission=load_group(AdmissionSettings, env),
             connections=load_group(ConnectionsSettings, env),
             server=load_group(ServerSettings, env),
             observability=load_group(ObservabilitySettings, env),

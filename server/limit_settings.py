@@ -56,3 +56,30 @@ class LimitsSettings:
     """Page size when a list request asks for 0."""
     max_page_size: int = field(default=1000, metadata=env("CHATSTREAM_MAX_PAGE_SIZE", minimum=1))
     """Larger page sizes are lowered to this."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdmissionSettings:
+    """Admission by measured load: when a process refuses new Chat calls to keep its streams on time.
+
+    Below the stream limits, a new Chat is refused (UNAVAILABLE, SERVER_OVERLOADED, with RetryInfo)
+    while the process's event loop is too late or too busy over the last window
+    (server/load.py, docs/reliability.md "Overload")."""
+
+    admission_max_lag_ms: float = field(
+        default=50.0, metadata=env("CHATSTREAM_ADMISSION_MAX_LAG_MS", minimum=0.0)
+    )
+    """Event-loop lag (the 90th percentile over the window) above which new Chat calls are
+    refused, in milliseconds; 0 turns this signal off. A stream's gaps grow by about this much at
+    every hop, so keep it well under the gap its clients tolerate."""
+    admission_max_cpu: float = field(default=0.95, metadata=env("CHATSTREAM_ADMISSION_MAX_CPU", minimum=0.0))
+    """Share of one core used by the event loop's thread over the window above which new Chat
+    calls are refused; 0 turns this signal off."""
+    admission_window_s: float = field(default=1.0, metadata=env("CHATSTREAM_ADMISSION_WINDOW_S", minimum=0.1))
+    """How far back the load readings look. Shorter reacts sooner to a burst of new calls, and
+    to a single pause."""
+    admission_retry_after_s: float = field(
+        default=1.0, metadata=env("CHATSTREAM_ADMISSION_RETRY_AFTER_S", minimum=0.1)
+    )
+    """Least wait a refused caller is told (RetryInfo); each refusal says this to twice this,
+    at random, so that refused callers do not all come back at once."""
