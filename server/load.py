@@ -105,6 +105,25 @@ class LoadMonitor:
         metrics.shedding.set(0)
 
     @property
+    def window_s(self) -> float:
+        """How far back the readings look."""
+        return self._window_s
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any signal can refuse calls (a threshold above 0)."""
+        return self._max_lag_s > 0 or self._max_cpu > 0
+
+    def headroom(self, reading: LoadReading) -> float:
+        """How far the readings are from their thresholds: 1 minus the larger reading/threshold."""
+        used = 0.0
+        if self._max_lag_s > 0:
+            used = max(used, reading.lag_s / self._max_lag_s)
+        if self._max_cpu > 0:
+            used = max(used, reading.cpu / self._max_cpu)
+        return 1.0 - used
+
+    @property
     def reading(self) -> LoadReading:
         """The readings of the last window."""
         return self._reading

@@ -63,6 +63,13 @@ class Metrics:
             "1 while this process refuses new Chat calls because of its measured load, else 0.",
             registry=r,
         )
+        self.admission_limit = Gauge(
+            "chatstream_admission_limit",
+            "Streams the measured load lets this process hold now: learnt from the load readings "
+            "(grows while calls press against it and the load is fine, drops when overloaded), "
+            "at most CHATSTREAM_MAX_STREAMS.",
+            registry=r,
+        )
         self.event_loop_lag = Gauge(
             "chatstream_event_loop_lag_seconds",
             "How late the event loop runs: the 90th percentile of its lag over the last "

@@ -13,17 +13,19 @@ import asyncio
 import contextlib
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import timedelta
 
 import asyncpg
 import grpc
 import pytest
 from chatstream import AsyncChatClient, ChatClientError, RetryPolicy
+from chatstream.v1.chat_service_pb2 import TurnEvent
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import SERVICE_NAME
+from server.limits import MIN_LOAD_LIMIT
 from server.load import LoadMonitor, Overload
 from server.metrics import Metrics
 from tests.conftest import StartServer, eventually
@@ -239,3 +241,64 @@ async def test_an_overloaded_server_refuses_a_new_chat_before_side_effects_and_f
     assert samples[("chatstream_streams_refused_total", (("cause", "overload"),))] >= 1
     assert samples[("chatstream_shedding", ())] == 0
     assert samples[("chatstream_turns_total", (("status", "COMPLETED"),))] >= LOAD_STREAMS + 2
+
+
+async def test_a_burst_of_new_calls_is_admitted_only_as_fast_as_the_load_limit_grows(
+    start_server: StartServer, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """The readings lag what a new stream costs, so a burst is admitted in steps, not at once."""
+    server = await start_server(
+        # The lag never trips here (no load: every stream is held): only the learnt count acts.
+        admission_max_lag_ms=10_000.0,
+        admission_max_cpu=0.0,
+        admission_window_s=0.2,
+        admission_retry_after_s=0.1,
+        metrics_listen="127.0.0.1:0",
+    )
+    burst = 3 * MIN_LOAD_LIMIT
+    refusals: list[ChatClientError] = []
+    gate = Gate()
+    fake.script(*(Stream(["held"], hold=gate) for _ in range(burst)))
+    async with (
+        AsyncChatClient(server.address, retry_policy=NO_RETRIES) as client,
+        contextlib.AsyncExitStack() as held,
+    ):
+
+        async def start(index: int) -> AsyncGenerator[TurnEvent, None] | ChatClientError:
+            events = client.chat(f"burst {index}")
+            try:
+                assert (await anext(events)).WhichOneof("kind") == "started"
+            except ChatClientError as err:
+                refusals.append(err)
+                return err
+            return await held.enter_async_context(contextlib.aclosing(events))
+
+        outcomes = await asyncio.gather(*(start(i) for i in range(burst)))
+        admitted = [o for o in outcomes if not isinstance(o, ChatClientError)]
+        # The first burst gets about the starting limit (one more window's growth at most, on a
+        # slow machine), and the refused calls left nothing behind.
+        assert MIN_LOAD_LIMIT <= len(admitted) < burst
+        assert await db.fetchval("SELECT count(*) FROM chat.turns") == len(admitted)
+
+        # Retried after their RetryInfo, the others get in as the limit grows.
+        waiting = [i for i, o in enumerate(outcomes) if isinstance(o, ChatClientError)]
+
+        async def all_admitted() -> bool:
+            for index in list(waiting):
+                outcome = await start(index)
+                if not isinstance(outcome, ChatClientError):
+                    admitted.append(outcome)
+                    waiting.remove(index)
+            return not waiting
+
+        await eventually(all_admitted, timeout_s=10, what="the load limit to grow to the whole burst")
+        assert {(err.code, err.reason) for err in refusals} == {
+            (grpc.StatusCode.UNAVAILABLE, "SERVER_OVERLOADED")
+        }
+        assert all(err.retry_delay is not None for err in refusals)
+        limit = (await asyncio.to_thread(_scrape, server.metrics_port))[("chatstream_admission_limit", ())]
+        assert limit >= burst
+
+        gate.open()
+        for events in admitted:
+            assert [e.WhichOneof("kind") async for e in events][-1] == "completed"
