@@ -36,8 +36,8 @@ class StreamLimiter:
     streams it already runs stay on time; a stream once admitted is never cut for load.
 
     The readings lag what a new stream costs (its first tokens come after its start), so a
-    burst of calls would all be admitted before they show. So the load also keeps a count:
-    ``load_limit``, the streams the measured load allows, learnt as TCP learns its window.
+    burst of calls would all be admitted before they show. So the load also keeps a count,
+    the streams the measured load allows, learnt as TCP learns its window.
     Once a window, if the process was overloaded it becomes 90 % of the streams held; if
     calls pressed against it and the load is fine, it grows, doubling while both readings
     are under half their thresholds, by 10 % nearer to them. It starts at
@@ -70,12 +70,7 @@ class StreamLimiter:
         self._pressed = False
         """Whether a call found the load limit reached (or nearly) since the last adjustment."""
         self._adjusted_at = time.monotonic()
-        self._limit_gauge.set(self._load_limit if load is not None else max_streams)
-
-    @property
-    def load_limit(self) -> int:
-        """Streams the measured load allows now (``max_streams`` without a load monitor)."""
-        return int(self._load_limit) if self._load is not None else self._max_streams
+        self._limit_gauge.set(self._load_limit if self._load is not None else max_streams)
 
     @property
     def in_flight(self) -> int:
