@@ -13,7 +13,7 @@ keeps it in ``bench/results/capacity-<what>-<time>.json``. docs/scaling.md reads
 - ``redis``: a ``redis-server`` on loopback TCP with the production posture (docs/deployment.md:
   appendonly yes, appendfsync everysec, noeviction), driven by ``--procs`` load processes of
   ``--concurrency`` coroutines each. Workloads:
-  ``ping`` (the floor: one PING per round trip); ``live`` (the live log, as ``LiveWriter._write``
+  ``ping`` (the floor: one PING per round trip); ``live`` (the live log, as the per-turn ``LiveWriter._write`` did before ``LiveLog``
   sends it: per 500-token turn one pipeline for TurnStarted, one per delta, one for TurnCompleted;
   a delta's pipeline is XADD with MAXLEN ~ + PEXPIRE + EXISTS of the cancel flag); ``persist`` (the
   end of a turn as ``Producer._publish_and_cache`` sends it, XADD of ``encode_turn`` to the shard
@@ -209,7 +209,7 @@ async def _redis_worker(
             counts["commands"] += 1
 
     async def live() -> None:
-        # One turn after another, its events written as LiveWriter._write writes them.
+        # One turn after another, its events written as the per-turn LiveWriter._write wrote them.
         while time.monotonic() < end:
             conversation_id, turn_id = uuid.uuid4(), uuid.uuid4()
             key, flag, conv = live_key(turn_id), cancel_key(turn_id), conversation_key(conversation_id)
