@@ -14,11 +14,13 @@ each shard with its own XREADGROUP).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Final, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisClusterException
@@ -62,12 +64,21 @@ async def create_redis(settings: RedisSettings) -> aioredis.Redis:
     on keys that never span slots in one command.
     """
     if not await _is_cluster(settings):
-        return aioredis.from_url(settings.redis_url, **_CONNECTION_OPTIONS)
+        single = aioredis.from_url(settings.redis_url, **_CONNECTION_OPTIONS)
+        pool = single.connection_pool
+        pool.connection_class = _GUARDED.get(pool.connection_class, pool.connection_class)
+        return single
     cluster = _RedisCluster.from_url(
         settings.redis_url,
         retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries=_CLUSTER_RETRIES),
         **_CONNECTION_OPTIONS,
     )
+    # Nodes are created from these keyword arguments as they are discovered (redis-py itself
+    # updates them so); the startup node exists already.
+    kwargs = cluster.nodes_manager.connection_kwargs
+    kwargs["connection_class"] = _GUARDED.get(kwargs["connection_class"], kwargs["connection_class"])
+    for node in cluster.nodes_manager.startup_nodes.values():
+        node.connection_class = kwargs["connection_class"]
     try:
         # Now, not at the first command: reading the slot map also replaces the one node the URL
         # names by every node of the cluster, so losing that node later does not matter.
@@ -75,6 +86,48 @@ async def create_redis(settings: RedisSettings) -> aioredis.Redis:
     except redis_exceptions.ConnectionError as exc:
         logger.warning("Redis Cluster unreachable (%s); its first command will try again", exc)
     return cast(aioredis.Redis, cluster)
+
+
+class _ClosedTransportGuard(AbstractConnection):
+    """A write to a connection the peer has already reset is a ConnectionError, on any event loop.
+
+    The processes run on uvloop (server/runtime.py), whose transports raise RuntimeError ("unable
+    to perform operation on <TCPTransport closed=True ...>; the handler is closed",
+    MagicStack/uvloop#506) where asyncio's own ignore the write; redis-py only turns OSError into
+    ConnectionError. A Redis node that died just as a connection to it opened therefore escaped
+    every outage path (the consumer's back-off, a publish left to the relay) and ended the
+    consumer process; tests/test_failover.py met it when a cluster primary was killed.
+    """
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            if "handler is closed" not in str(exc):
+                raise
+            # redis-py has disconnected the connection already (its BaseException branch).
+            raise redis_exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+class _GuardedConnection(_ClosedTransportGuard, Connection):
+    """redis:// connections."""
+
+
+class _GuardedSSLConnection(_ClosedTransportGuard, SSLConnection):
+    """rediss:// connections."""
+
+
+class _GuardedUnixConnection(_ClosedTransportGuard, UnixDomainSocketConnection):
+    """unix:// connections."""
+
+
+_GUARDED: Final[dict[type[AbstractConnection], type[AbstractConnection]]] = {
+    Connection: _GuardedConnection,
+    SSLConnection: _GuardedSSLConnection,
+    UnixDomainSocketConnection: _GuardedUnixConnection,
+}
 
 
 class _RedisCluster(RedisCluster):
