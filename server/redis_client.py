@@ -23,11 +23,33 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
 from server.config import RedisClusterMode, RedisSettings
 
 logger = logging.getLogger(__name__)
+
+
+REDIS_OUTAGES: Final = (
+    redis_exceptions.ConnectionError,
+    redis_exceptions.TimeoutError,
+    # CLUSTERDOWN and MASTERDOWN: a cluster between two states, as while a replica is promoted.
+    redis_exceptions.ClusterDownError,
+    redis_exceptions.TryAgainError,
+    SlotNotCoveredError,
+    OSError,
+)
+"""Redis unreachable, or a Redis Cluster failing over: transient, for the caller to wait out.
+
+What the RedisCluster client raises once its own retries are spent. The cluster errors are not
+ConnectionErrors (ClusterDownError is a ResponseError, SlotNotCoveredError not even a
+RedisError), so every outage path must name this tuple rather than ConnectionError alone.
+"""
+
+
+def is_redis_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means Redis is unreachable for now, not that a command is wrong."""
+    return isinstance(exc, REDIS_OUTAGES)
 
 
 class RedisEvictionPolicyError(RuntimeError):

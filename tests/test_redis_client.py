@@ -1,9 +1,10 @@
-"""The Redis client of every process (server/redis_client.py) on the event loop the processes run.
+"""The Redis client of every process (server/redis_client.py): what counts as an outage, and
+its behaviour on the event loop the processes run.
 
-The commands run on uvloop (server/runtime.py), whose transports raise RuntimeError on a write
-after the peer reset the connection where asyncio's ignore it; tests/test_failover.py met it as
-a consumer killed by a Redis primary dying. Here the reset is made on purpose, by a loopback
-server that speaks just enough RESP and then resets its connections.
+tests/test_failover.py met both: a consumer process ended by the CLUSTERDOWN a cluster answers
+while a replica is promoted, and by uvloop's RuntimeError on a write after the peer reset the
+connection (asyncio's transports ignore such a write). Here the reset is made on purpose, by a
+loopback server that speaks just enough RESP and then resets its connections.
 """
 
 from __future__ import annotations
@@ -18,7 +19,31 @@ import redis.exceptions
 
 from server import runtime
 from server.config import RedisClusterMode, RedisSettings
-from server.redis_client import create_redis
+from server.errors import StorageUnavailableError, classify
+from server.redis_client import create_redis, is_redis_outage
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        redis.exceptions.ClusterDownError("The cluster is down"),
+        redis.exceptions.MasterDownError(
+            "Link with MASTER is down and replica-serve-stale-data is set to 'no'."
+        ),
+        redis.exceptions.TryAgainError("Multiple keys request during rehashing of slot"),
+        redis.exceptions.SlotNotCoveredError("Slot 866 is not covered by the cluster."),
+        redis.exceptions.ConnectionError("Connection refused"),
+    ],
+    ids=lambda exc: exc.__class__.__name__,
+)
+def test_a_cluster_failing_over_is_an_outage_not_an_internal_error(exc: Exception) -> None:
+    """What the cluster client raises once its retries are spent, mid-failover: wait and retry."""
+    assert is_redis_outage(exc)
+    assert isinstance(classify(exc), StorageUnavailableError)
+
+
+def test_a_wrong_command_is_not_an_outage() -> None:
+    assert not is_redis_outage(redis.exceptions.ResponseError("WRONGTYPE Operation against a key"))
 
 
 class _ResettingServer:
