@@ -36,7 +36,7 @@ from server.domain import (
     TurnStatus,
     Usage,
 )
-from server.errors import ChatError, StorageUnavailableError, classify
+from server.errors import ChatError, InternalError, StorageUnavailableError, classify
 from server.leases import TurnLeases
 from server.live import LiveWriter
 from server.llm import LlmClient, ReplyEnded, ReplyStarted
@@ -163,8 +163,11 @@ class Producer:
                 except TimeoutError:
                     ending = reply.ending(TurnStatus.CANCELLED, "DEADLINE_EXCEEDED", production)
                     await self._end(production, history, ending, emit)
-                except Exception as exc:  # noqa: BLE001 - any failure ends the turn FAILED; the caller gets it
+                except Exception as exc:  # any failure ends the turn FAILED; the caller gets it
                     err = classify(exc)
+                    if isinstance(err, InternalError) and err is not exc:
+                        # The caller gets a generic INTERNAL: the cause is only in this log.
+                        logger.exception("turn %s failed unexpectedly", turn.id)
                     ending = reply.ending(TurnStatus.FAILED, err.reason, production)
                     await self._end(production, history, ending, emit, error=err)
                 else:
