@@ -3,14 +3,18 @@
 While a turn streams, its numbered events go to the stream ``chat:live:{<turn_id>}``, whose
 entry ids are ``<seq>-0``: a resume point is an entry id, and XRANGE/XREAD from it give
 exactly the events after it. The producer writes in the background, a pipeline at a time
-(events that pile up meanwhile go together in the next one), so the relay path never waits
-for Redis. Each pipeline refreshes the log's TTL (only the producer does) and reads the
-turn's cancel flag, which is how ``CancelTurn`` on any replica reaches the producer. The
-log is bounded (MAXLEN) and ends with the terminal event. Each turn's start is also noted
-in its conversation's stream, ``chat:live:conv:{<conversation_id>}``, for WatchConversation.
+(events that pile up meanwhile go together in the next one). Each pipeline refreshes the
+log's TTL (only the producer does) and reads the turn's cancel flag, which is how
+``CancelTurn`` on any replica reaches the producer. The log is bounded (MAXLEN) and ends with
+the terminal event. Each turn's start is also noted in its conversation's stream,
+``chat:live:conv:{<conversation_id>}``, for WatchConversation.
 
-The log is best effort: if Redis is down, watchers fall back to PostgreSQL, which has the
-turn once it ended. All of one turn's keys share the hash tag ``{<turn_id>}``.
+The log is written ahead of the caller: the starting call gets an event once a pipeline has
+written it (``on_written``), so that a turn whose server dies can be ended with at least the
+text its caller saw (server/leases.py). A pipeline that fails is tried again, in order, until
+the turn ends; its caller meanwhile waits, and gets everything once the outcome is stored.
+If Redis is down, watchers fall back to PostgreSQL, which has the turn once it ended. All of
+one turn's keys share the hash tag ``{<turn_id>}``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Final, cast
 
 import redis.asyncio as aioredis
@@ -29,15 +33,18 @@ from redis.typing import EncodableT, FieldT
 from server.coalescer import join_deltas
 from server.constants import LIVE_KEY_PREFIX
 from server.domain import Sequenced, TextDelta, TurnCompleted, TurnStarted, TurnStatus, Usage
+from server.redis_client import REDIS_OUTAGES, is_redis_outage
 
 logger = logging.getLogger(__name__)
 
 # How often the writer looks at the cancel flag while no event flows (a stalled upstream).
 _IDLE_TICK_S: Final = 0.25
 _WRITE_TIMEOUT_S: Final = 2.0
+# Between two tries of a pipeline that failed: Redis is down or failing over.
+_RETRY_DELAY_S: Final = 0.25
 _CONVERSATION_MAXLEN: Final = 100
 
-_REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, TimeoutError)
+_REDIS_ERRORS: Final = (redis.exceptions.RedisError, TimeoutError, *REDIS_OUTAGES)
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 """XRANGE's reply, typed as what the wire carries."""
@@ -118,7 +125,12 @@ class LiveWriter:
         ttl_s: float,
         maxlen: int,
         on_cancel: Callable[[], None],
+        on_written: Callable[[int], None] = lambda seq: None,
     ) -> None:
+        """Args:
+        on_cancel: Called when the turn's cancel flag is seen.
+        on_written: Called with the number of the last event a pipeline wrote.
+        """
         self._redis = redis
         self._conversation_id = conversation_id
         self._turn_id = turn_id
@@ -127,6 +139,7 @@ class LiveWriter:
         self._ttl_ms = int(ttl_s * 1000)
         self._maxlen = maxlen
         self._on_cancel = on_cancel
+        self._on_written = on_written
         self._pending: list[Sequenced] = []
         self._wake = asyncio.Event()
         self._closed = False
@@ -143,7 +156,7 @@ class LiveWriter:
         self._wake.set()
 
     async def close(self) -> None:
-        """Writes what is queued (bounded in time) and stops the writer."""
+        """Writes what is queued, trying once, bounded in time; then stops the writer."""
         self._closed = True
         self._wake.set()
         if self._task is not None:
@@ -162,14 +175,24 @@ class LiveWriter:
                 self._wake.clear()
             # The deltas that piled up during the last pipeline become one entry.
             batch, self._pending = join_deltas(self._pending), []
-            cancelled = await self._write(batch)
+            written, cancelled = await self._write(batch)
             if cancelled:
                 self._on_cancel()
+            if written and batch:
+                self._on_written(batch[-1].seq)
+            elif not written and not self._closed:
+                # Again in the next pipeline, in order: no hole in the log. Once the writer is
+                # closing the outcome is stored, and watchers find it in PostgreSQL.
+                self._pending[:0] = batch
+                await asyncio.sleep(_RETRY_DELAY_S)
             if self._closed and not self._pending:
                 return
 
-    async def _write(self, batch: list[Sequenced]) -> bool:
-        """One pipeline: the events, the TTL, and a look at the cancel flag; True if it is set."""
+    async def _write(self, batch: list[Sequenced]) -> tuple[bool, bool]:
+        """One pipeline: the events, the TTL, and a look at the cancel flag.
+
+        Returns whether the events are in the log, and whether the cancel flag is set.
+        """
         try:
             async with asyncio.timeout(_WRITE_TIMEOUT_S):
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -191,12 +214,16 @@ class LiveWriter:
                     results = await pipe.execute(raise_on_error=False)
         except _REDIS_ERRORS as exc:
             self._log_failure(exc)
-            return False
+            return False, False
+        written = True
         for result in results[:-1]:
             if isinstance(result, Exception):
                 self._log_failure(result)
+                # Any other error is for good: an entry an earlier, timed-out try did write
+                # (its id is taken), say; trying again cannot help.
+                written = written and not is_redis_outage(result)
         flag = results[-1]
-        return not isinstance(flag, Exception) and bool(flag)
+        return written, not isinstance(flag, Exception) and bool(flag)
 
     def _log_failure(self, exc: BaseException) -> None:
         # Logged once per turn: a Redis outage must not flood the log at token rate.
@@ -216,6 +243,21 @@ async def read_after(redis: aioredis.Redis, turn_id: uuid.UUID, after_seq: int) 
         Entries, await redis.xrange(live_key(turn_id), min=f"({after_seq}-0" if after_seq else "-", max="+")
     )
     return [decode(entry_id, fields) for entry_id, fields in entries]
+
+
+def text_of(events: Sequence[Sequenced]) -> str:
+    """The reply a log's events hold, each delta placed at its offset, up to the first hole.
+
+    A log can miss entries (writes a Redis failover lost) or hold text twice (a pipeline that
+    timed out after writing, tried again with more): never glue pieces around a hole, never
+    repeat text.
+    """
+    text = ""
+    for event in (item.event for item in events if isinstance(item.event, TextDelta)):
+        if event.offset > len(text):
+            break
+        text += event.text[len(text) - event.offset :]
+    return text
 
 
 async def first_seq(redis: aioredis.Redis, turn_id: uuid.UUID) -> int | None:

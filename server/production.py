@@ -5,8 +5,11 @@ is what lets a turn go on when its client leaves (``ON_DISCONNECT_CONTINUE``), b
 cancelled from any replica (its live log's cancel flag), and be drained by a shutdown.
 It numbers each event where it is produced (``seq``), hands it to the starting call
 (``Outbox``) and to the turn's live log in Redis (server/live.py), never waiting for
-either. Every way out stores the turn first (unit of work 2), then publishes it, then
-sends the terminal event: ``TurnCompleted`` means the outcome is stored.
+either. The starting call gets an event once the live log holds it: a turn whose server
+dies is ended from its live log (server/leases.py), with at least what its caller saw.
+Every way out stores the turn first (unit of work 2), which releases every event to the
+caller, then publishes it, then sends the terminal event: ``TurnCompleted`` means the
+outcome is stored.
 """
 
 from __future__ import annotations
@@ -57,9 +60,10 @@ _MAX_READER_STEP_S: Final = 0.002
 class Production:
     """One turn being produced: its task, its events for the starting call, and how to stop it."""
 
-    def __init__(self, turn: Turn) -> None:
+    def __init__(self, turn: Turn, *, live_log: bool) -> None:
         self.turn = turn
-        self.outbox = Outbox()
+        self.outbox = Outbox(gated=live_log)
+        """With a live log, an event waits there until the log (or the stored outcome) holds it."""
         self.seq = 0
         """The number of the last event produced."""
         self.cancel_reason: str | None = None
@@ -104,7 +108,7 @@ class Producer:
 
     def start(self, turn: Turn, began: float) -> Production:
         """Starts producing ``turn`` in a task of its own."""
-        production = Production(turn)
+        production = Production(turn, live_log=self._settings.turns.live_log)
         production.task = asyncio.create_task(self._produce(production, began), name=f"turn {turn.id}")
         self._leases.track(production.task)
         return production
@@ -128,6 +132,7 @@ class Producer:
                 ttl_s=self._settings.turns.live_ttl_s,
                 maxlen=self._settings.turns.live_maxlen,
                 on_cancel=lambda: production.cancel("CANCELLED"),
+                on_written=production.outbox.release,
             )
             live.start()
 
@@ -146,6 +151,8 @@ class Producer:
                 try:
                     async with asyncio.timeout(self._settings.turns.max_turn_s):
                         emit(Sequenced(1, TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id)))
+                        # No text in it, and unit of work 1 made it durable: no need to wait.
+                        production.outbox.release(1)
                         history = await self._context.load(
                             turn.conversation_id,
                             owner=turn.owner,
@@ -229,7 +236,7 @@ class Producer:
         error: ChatError | None = None,
     ) -> None:
         """Stores and publishes the outcome (shielded from cancellation), then the terminal event."""
-        task = asyncio.create_task(self._finish(production.turn, history, ending))
+        task = asyncio.create_task(self._finish(production, history, ending))
         self._leases.track(task)
         stored = await asyncio.shield(task)
         terminal = TurnCompleted(
@@ -243,17 +250,20 @@ class Producer:
         emit(Sequenced(stored.last_seq or ending.last_seq, terminal), caller=error is None)
         production.outbox.close(error)
 
-    async def _finish(self, turn: Turn, history: list[Exchange], ending: TurnEnding) -> Turn:
+    async def _finish(self, production: Production, history: list[Exchange], ending: TurnEnding) -> Turn:
         """Unit of work 2, then publish; returns the turn as stored.
 
         A brief PostgreSQL outage is ridden out with a few retries; if the outcome still
         cannot be stored, the turn stays STREAMING, its lease expires and it ends
         INTERRUPTED, with the user's message and the live log's text kept.
         """
+        turn = production.turn
         loop = asyncio.get_running_loop()
         began = loop.time()
         async with asyncio.timeout(_FINISH_TIMEOUT_S):
             stored = await self._store(turn, ending)
+        # The stored row holds every event now, whatever the live log could write.
+        production.outbox.release_all()
         self._metrics.unit_of_work.labels("finish").observe(loop.time() - began)
         if stored is None:
             # The conversation was deleted while the reply streamed: nothing to relay, but

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, ChatClient, TurnStatus
 from chatstream.v1 import chat_service_pb2 as pb
 from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
+from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from server.config import Settings
 from tests.conftest import Consume, eventually
@@ -246,6 +248,54 @@ async def test_a_killed_producer_ends_its_watcher_interrupted_with_the_partial_r
 
 async def _has_text(received: Received, text: str) -> bool:
     return received.text == text
+
+
+async def test_a_caller_never_holds_text_that_its_killed_producer_could_not_end_with(
+    replicas: Replicas, fake: FakeAnthropic, db: asyncpg.Connection, redis: aioredis.Redis
+) -> None:
+    """The live log is written ahead of the caller: while it cannot be written, the caller waits.
+
+    A turn whose server dies ends INTERRUPTED with the text its live log kept. Were the caller
+    ahead of the log, it would hold text the stored turn lacks, and its resume would end with
+    no terminal event (the stored turn ends before the caller's last event).
+    """
+    fake.script(Stream(_WORDS[:5], then="stall", delay_s=0.01))
+    received = Received()
+    await _pause_writes(redis, timeout_s=20)  # the live log cannot be written
+    try:
+        async with _stub(replicas.addresses[0]) as stub:
+            reading = asyncio.ensure_future(
+                _read(stub.Chat(pb.ChatRequest(text="doomed")), received, events=1000)
+            )
+            await fake.wait_for_requests(1, timeout=5)
+            # The five deltas take 50 ms to come; no live log holds them, so none reaches us.
+            await asyncio.sleep(1)
+            assert received.seqs == [1]
+            replicas.processes[0].kill()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await reading
+    finally:
+        await _unpause_writes(redis)
+    assert received.text == ""
+    await _watch(replicas.addresses[1], received)
+    assert received.completed is not None
+    assert received.completed.status == pb.TURN_STATUS_INTERRUPTED
+    received.assert_no_repeats()
+    assert await db.fetchval("SELECT assistant_text FROM chat.turns") == received.text == ""
+
+
+async def _pause_writes(redis: aioredis.Redis, *, timeout_s: float) -> None:
+    if isinstance(redis, RedisClusterClient):
+        await redis.client_pause(int(timeout_s * 1000), all=False, target_nodes=RedisClusterClient.ALL_NODES)
+    else:
+        await redis.client_pause(int(timeout_s * 1000), all=False)
+
+
+async def _unpause_writes(redis: aioredis.Redis) -> None:
+    if isinstance(redis, RedisClusterClient):
+        await redis.client_unpause(target_nodes=RedisClusterClient.ALL_NODES)
+    else:
+        await redis.client_unpause()
 
 
 async def test_continue_with_the_client_gone_completes_and_persists_the_turn(
