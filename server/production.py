@@ -73,10 +73,15 @@ class Production:
         the code that records the turn, so such a cancel is left for that code to see."""
 
     def cancel(self, reason: str) -> None:
-        """Stops producing; the turn ends CANCELLED with ``reason`` and what was produced."""
-        if self.task is None or self.task.done():
+        """Stops producing; the turn ends CANCELLED with ``reason`` and what was produced.
+
+        Only the first call counts: the live log's writer sees the cancel flag on each of its
+        pipelines, and a second ``Task.cancel`` would interrupt the recording of the turn's end
+        (the caller's stream then closed without its terminal event).
+        """
+        if self.task is None or self.task.done() or self.cancel_reason is not None:
             return
-        self.cancel_reason = self.cancel_reason or reason
+        self.cancel_reason = reason
         if self.running:
             self.task.cancel()
 
