@@ -111,14 +111,19 @@ async def create_redis(settings: RedisSettings) -> aioredis.Redis:
 
 
 class _ClosedTransportGuard(AbstractConnection):
-    """A write to a connection the peer has already reset is a ConnectionError, on any event loop.
+    """A write to a connection that is closed already is a ConnectionError, as redis-py means it.
 
-    The processes run on uvloop (server/runtime.py), whose transports raise RuntimeError ("unable
-    to perform operation on <TCPTransport closed=True ...>; the handler is closed",
-    MagicStack/uvloop#506) where asyncio's own ignore the write; redis-py only turns OSError into
-    ConnectionError. A Redis node that died just as a connection to it opened therefore escaped
-    every outage path (the consumer's back-off, a publish left to the relay) and ended the
-    consumer process; tests/test_failover.py met it when a cluster primary was killed.
+    Two ways redis-py lets it out as something else, both met by tests/test_failover.py when a
+    cluster primary was killed, and both escaping every outage path (the consumer's back-off,
+    a publish left to the relay, the live log's retries):
+
+    - The processes run on uvloop (server/runtime.py), whose transports raise RuntimeError
+      ("unable to perform operation on <TCPTransport closed=True ...>; the handler is closed",
+      MagicStack/uvloop#506) where asyncio's ignore the write; redis-py only turns OSError into
+      ConnectionError. It ended a consumer process.
+    - The cluster pipeline, retrying after a node failed, closes every connection of its client,
+      those other tasks are writing to included; their write then meets ``_writer`` None, an
+      AttributeError. It ended a live-log writer.
     """
 
     async def send_packed_command(
@@ -131,6 +136,10 @@ class _ClosedTransportGuard(AbstractConnection):
                 raise
             # redis-py has disconnected the connection already (its BaseException branch).
             raise redis_exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
+        except AttributeError as exc:
+            if self._writer is not None:
+                raise
+            raise redis_exceptions.ConnectionError("Connection closed while writing to socket") from exc
 
 
 class _GuardedConnection(_ClosedTransportGuard, Connection):
