@@ -89,6 +89,10 @@ class TurnWatcher:
                     for item in batch:
                         if item.seq <= seq:
                             continue
+                        if seq == 0 and not isinstance(item.event, TurnStarted):
+                            # The log never got the turn's first event (its producer died
+                            # before writing it): the stream opens with one all the same.
+                            await emit(_started(turn))
                         await emit(item)
                         seq = item.seq
                         if isinstance(item.event, TextDelta):
@@ -225,6 +229,10 @@ class ConversationHub:
                     queue.put_nowait(item)
             if batch and isinstance(batch[-1].event, TurnCompleted):
                 return
+
+
+def _started(turn: Turn) -> Sequenced:
+    return Sequenced(1, TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id))
 
 
 def replay_events(turn: Turn, *, after_seq: int, after_offset: int) -> list[Sequenced]:

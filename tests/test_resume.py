@@ -12,6 +12,7 @@ import itertools
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 import grpc
@@ -23,6 +24,10 @@ from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from server.config import Settings
+from server.consumer.relay import Relay
+from server.db.engine import Database
+from server.publisher import TurnPublisher
+from server.redis_client import create_redis
 from tests.conftest import Consume, eventually
 from tests.fake_anthropic import FakeAnthropic, Stream
 from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
@@ -282,6 +287,54 @@ async def test_a_caller_never_holds_text_that_its_killed_producer_could_not_end_
     assert received.completed.status == pb.TURN_STATUS_INTERRUPTED
     received.assert_no_repeats()
     assert await db.fetchval("SELECT assistant_text FROM chat.turns") == received.text == ""
+
+
+async def test_a_retry_attached_to_a_turn_whose_log_lost_its_start_still_opens_with_turn_started(
+    replicas: Replicas, settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection, redis: aioredis.Redis
+) -> None:
+    """The producer dies before its log has even TurnStarted; the retry attached to the turn gets
+    it all the same, then the end the lease sweeper appends to the log."""
+    fake.script(Stream(_WORDS[:5], then="stall", delay_s=0.01))
+    first = Received()
+    await _pause_writes(redis, timeout_s=20)  # the live log cannot be written
+    try:
+        async with _stub(replicas.addresses[0]) as stub:
+            request = pb.ChatRequest(text="doomed", request_id="attach-me")
+            reading = asyncio.ensure_future(_read(stub.Chat(request), first, events=1000))
+            await fake.wait_for_requests(1, timeout=5)
+            replicas.processes[0].kill()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await reading
+    finally:
+        await _unpause_writes(redis)
+    retry = Received()
+    async with _stub(replicas.addresses[1]) as other:
+        attached = asyncio.ensure_future(_read(other.Chat(request), retry, events=1000))
+        await asyncio.sleep(0.3)  # the retry is attached, following the (empty) live log
+        assert not attached.done()
+        await db.execute("UPDATE chat.turns SET lease_expires_at = now() - interval '1 second'")
+        database = Database.from_settings(settings.database)
+        relay_redis = await create_redis(settings.redis)
+        try:
+            sweeper = Relay(
+                database=database,
+                redis=relay_redis,
+                live_ttl_s=settings.turns.live_ttl_s,
+                publisher=TurnPublisher(relay_redis, shards=settings.redis.shards),
+                interval=timedelta(seconds=1),
+                grace=timedelta(seconds=60),
+            )
+            await sweeper.run_once()
+            assert sweeper.stats.interrupted == 1
+        finally:
+            await relay_redis.aclose()
+            await database.dispose()
+        await asyncio.wait_for(attached, timeout=10)
+    assert retry.seqs is not None
+    assert retry.seqs[0] == 1, retry.seqs
+    assert retry.turn == first.turn
+    assert retry.completed is not None
+    assert retry.completed.status == pb.TURN_STATUS_INTERRUPTED
 
 
 async def _pause_writes(redis: aioredis.Redis, *, timeout_s: float) -> None:
