@@ -93,10 +93,13 @@ class TurnWatcher:
                             # The log never got the turn's first event (its producer died
                             # before writing it): the stream opens with one all the same.
                             await emit(_started(turn))
-                        await emit(item)
+                        unseen = _unseen(item, offset)
                         seq = item.seq
-                        if isinstance(item.event, TextDelta):
-                            offset = item.event.offset + len(item.event.text)
+                        if unseen is None:
+                            continue
+                        await emit(unseen)
+                        if isinstance(unseen.event, TextDelta):
+                            offset = unseen.event.offset + len(unseen.event.text)
                     if isinstance(batch[-1].event, TurnCompleted):
                         return
             except _REDIS_ERRORS as exc:
@@ -233,6 +236,18 @@ class ConversationHub:
 
 def _started(turn: Turn) -> Sequenced:
     return Sequenced(1, TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id))
+
+
+def _unseen(item: Sequenced, offset: int) -> Sequenced | None:
+    """``item`` without the text before ``offset``, which the caller has; None if that is all of it.
+
+    The live log and the caller's stream join deltas each in their own batches, so a log entry
+    can start before the caller's resume offset.
+    """
+    if not isinstance(item.event, TextDelta) or item.event.offset >= offset:
+        return item
+    rest = item.event.text[offset - item.event.offset :]
+    return Sequenced(item.seq, TextDelta(text=rest, offset=offset)) if rest else None
 
 
 def replay_events(turn: Turn, *, after_seq: int, after_offset: int) -> list[Sequenced]:

@@ -182,6 +182,28 @@ async def test_a_late_watcher_gets_everything_after_its_resume_point(
     assert watcher.completed is not None
 
 
+async def test_a_watcher_resuming_inside_a_log_entry_gets_the_text_from_its_offset_on(
+    replicas: Replicas, fake: FakeAnthropic
+) -> None:
+    """The live log and the caller's stream join deltas each in their own batches: a caller's
+    resume point can fall inside a log entry, whose text before it the caller has already."""
+    fake.script(Stream(_WORDS, delay_s=0.03))
+    producer = Received()
+    async with _stub(replicas.addresses[0]) as stub:
+        call = stub.Chat(pb.ChatRequest(text="halfway"))
+        await _read(call, producer, events=4)
+        watcher = Received()
+        async with _stub(replicas.addresses[1]) as other:
+            # Two characters into the first delta ("w00 "), as if an event had carried only those.
+            request = pb.WatchTurnRequest(turn=producer.turn, after_seq=1, after_offset=2)
+            await _read(other.WatchTurn(request), watcher, events=1000)
+        await _read(call, producer, events=1000)
+    assert watcher.start_offset == 2
+    assert watcher.text == _REPLY[2:]
+    watcher.assert_no_repeats()
+    assert watcher.completed is not None
+
+
 async def test_resume_after_the_live_log_expired_is_served_from_postgresql(
     settings: Settings, fake: FakeAnthropic
 ) -> None:
