@@ -53,7 +53,7 @@ from tests.redis_cluster import RedisCluster
 SHARDS = 4
 CLIENTS_PER_SHARD = 2
 LEASE_S = 2
-WARM_UP_TURNS = 16
+WARM_UP_TURNS = 40
 """Turns completed before the first kill."""
 LOST_WRITES = 2
 """Writes the doomed primary acknowledges after its replica was cut off (waited for up to
