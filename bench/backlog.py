@@ -26,8 +26,8 @@ import redis.asyncio as aioredis
 
 from bench.common import body_text, first_token
 from server.constants import turns_stream
-from server.db.message_store import message_id
 from server.domain import Role, Turn, TurnStatus, Usage
+from server.message_ids import message_id
 from server.publisher import shard_for
 from server.turn_codec import encode_turn
 
@@ -73,13 +73,19 @@ class Backlog:
     stream_lengths: dict[str, int]
 
 
-def make_turns(n_turns: int, turns_per_conversation: int, reply_tokens: int) -> tuple[list[Turn], int]:
-    """``n_turns`` completed turns over ``ceil(n / k)`` conversations, interleaved by seq."""
+def make_turns(
+    n_turns: int, turns_per_conversation: int, reply_tokens: int, *, reply: str | None = None
+) -> tuple[list[Turn], int]:
+    """``n_turns`` completed turns over ``ceil(n / k)`` conversations, interleaved by seq.
+
+    ``reply`` replaces the bench's own reply text (tokens cycled from a small vocabulary).
+    """
     k = max(turns_per_conversation, 1)
     n_conversations = -(-n_turns // k)
     conversations = [uuid.uuid4() for _ in range(n_conversations)]
     now = datetime.now(UTC)
-    reply = first_token(time.monotonic_ns()) + body_text(reply_tokens)
+    if reply is None:
+        reply = first_token(time.monotonic_ns()) + body_text(reply_tokens)
     turns: list[Turn] = []
     for seq in range(1, k + 1):
         for i, conversation_id in enumerate(conversations):
@@ -106,10 +112,17 @@ def make_turns(n_turns: int, turns_per_conversation: int, reply_tokens: int) -> 
 
 
 async def fill(
-    dsn: str, redis_url: str, *, shards: int, n_turns: int, turns_per_conversation: int, reply_tokens: int
+    dsn: str,
+    redis_url: str,
+    *,
+    shards: int,
+    n_turns: int,
+    turns_per_conversation: int,
+    reply_tokens: int,
+    reply: str | None = None,
 ) -> Backlog:
     """Writes the rows and the stream entries; returns what was written."""
-    turns, n_conversations = make_turns(n_turns, turns_per_conversation, reply_tokens)
+    turns, n_conversations = make_turns(n_turns, turns_per_conversation, reply_tokens, reply=reply)
     turn_counts: dict[uuid.UUID, int] = {}
     for turn in turns:
         turn_counts[turn.conversation_id] = max(turn_counts.get(turn.conversation_id, 0), turn.seq)

@@ -1,4 +1,4 @@
-"""The benchmark run: services, systems under test, load, phases P1-P5, profile, report.
+"""The benchmark run: services, systems under test, load, phases P1-P6, profile, report.
 
 Entry point: ``.venv/bin/python bench/run.py [--quick] [--only P1,P2]`` (see ``--help``).
 """
@@ -18,9 +18,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from glob import glob
@@ -44,8 +45,9 @@ from bench.common import (
 )
 from bench.procs import Child, Procs, Sampler, listener_pid, log_tail, wait_until
 
-PHASES = ("P1", "P2", "P3", "P4", "P5")
+PHASES = ("P1", "P2", "P3", "P4", "P5", "P6")
 BIN = Path(PYTHON).parent
+ADMISSION_OFF = {"CHATSTREAM_ADMISSION_MAX_LAG_MS": "0", "CHATSTREAM_ADMISSION_MAX_CPU": "0"}
 
 
 def log(message: str) -> None:
@@ -95,6 +97,11 @@ class Config:
     p5_turns: int = 20_000
     p5_turns_per_conversation: int = 4
     p5_reply_tokens: int = 20
+    # P6: overload at twice the capacity P3 found (or p6_capacity), admission as shipped.
+    p6_capacity: int | None = None
+    """Streams one chatstream serve carries; None takes P3's highest passing count (else 100)."""
+    p6_duration: float = 30.0
+    p6_ramp: float = 10.0
     profile: bool = True
     profile_p5: bool = True
     profile_window: float = 10.0
@@ -113,13 +120,22 @@ class Config:
             cfg.p3_steps, cfg.p3_steps_down, cfg.p3_compare_duration = [], [], 0.0
             cfg.p4_warmup, cfg.p4_window = 1.5, 4.0
             cfg.p5_turns = 2_000
+            cfg.p6_duration, cfg.p6_ramp = 10.0, 3.0
             cfg.profile = False  # the P5 consumer is still profiled: that costs no extra run
         if args.reps is not None:
             cfg.reps = max(args.reps, 1)
         if args.p3_streams is not None:
             cfg.p3_streams = args.p3_streams
+        if args.p3_steps:
+            steps = sorted({int(n) for n in args.p3_steps.split(",")})
+            cfg.p3_steps = [n for n in steps if n > cfg.p3_streams]
+            cfg.p3_steps_down = [n for n in reversed(steps) if n < cfg.p3_streams]
         if args.p5_turns is not None:
             cfg.p5_turns = args.p5_turns
+        if args.p6_capacity is not None:
+            cfg.p6_capacity = args.p6_capacity
+        if args.p6_duration is not None:
+            cfg.p6_duration = args.p6_duration
         if args.no_profile:
             cfg.profile = cfg.profile_p5 = False
         if args.profile:
@@ -241,9 +257,11 @@ class Bench:
                 # Production posture: authentication required; the load acts for many users.
                 "CHATSTREAM_AUTH_MODE": "required",
                 "CHATSTREAM_API_KEYS": f"bench:{sha256(self.api_key.encode()).hexdigest()}:act_for_users",
-                # The admission cap (default 1,000 streams per process) is lifted so that P3 can
-                # measure how far past 1,000 the server itself goes.
+                # The admission cap (default 1,000 streams per process) is lifted, and admission by
+                # measured load turned off, so that P1-P5 measure the server itself: how far it
+                # goes (P3), what it does saturated (P1). P6 runs one with admission as shipped.
                 "CHATSTREAM_MAX_STREAMS": "100000",
+                **ADMISSION_OFF,
                 # One serving process per core (`serve --workers`, SO_REUSEPORT): one Python
                 # process cannot fill both cores. `consume` ignores it. The floor and the peer
                 # are one process each, as the issue defines them; the server CPU per delivered
@@ -378,6 +396,7 @@ class Bench:
         probe_streams: int = 0,
         probe_tokens: int = 20,
         on_start: Callable[[float], None] | None = None,
+        retry_refused: bool = False,
     ) -> dict[str, Any]:
         """Runs ``clients`` load processes against ``system``; returns merged measurements.
 
@@ -403,6 +422,8 @@ class Bench:
             argv += ["--warmup", str(warmup), "--window", str(window), "--ramp", str(ramp)]
             argv += ["--drain", str(drain), "--conv-turns", str(conv_turns)]
             argv += ["--turns-per-stream", str(turns_per_stream), "--out", str(out)]
+            if retry_refused:
+                argv.append("--retry-refused")
             if system.target == "sse":
                 argv.append("--uvloop")
             env = env_with({"BENCH_API_KEY": self.api_key} if system.name == "chatstream" else {})
@@ -614,6 +635,109 @@ class Bench:
         run["checks"] = checks
         run["pass"] = all(checks.values())
         return run
+
+    def phase_p6(self) -> None:
+        """Overload: twice the capacity found, against a server with admission by load as shipped.
+
+        The load retries refused calls after their RetryInfo delay, until the window ends. Passes
+        if the admitted streams' gap p99 is <= 100 ms, no admitted turn fails or loses a token,
+        and every refusal carries RetryInfo and left nothing behind (no turn row without its
+        TurnStarted). The floor, which admits everything, runs the same load for comparison.
+        """
+        cfg = self.cfg
+        p3 = self.results.get("P3", {})
+        capacity = cfg.p6_capacity or p3.get("highest_passing_streams") or 100
+        streams = 2 * capacity
+        tokens = int(cfg.p3_rate * cfg.p6_duration)
+        log(
+            f"P6: overload, {streams} streams (2 x {capacity}) at {cfg.p3_rate:g} tokens/s for "
+            f"{cfg.p6_duration:g} s, admission by load as shipped"
+        )
+        port, metrics_port = free_port(), free_port()
+        address = f"127.0.0.1:{port}"
+        env = self.ours_env(CHATSTREAM_LISTEN=address, CHATSTREAM_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
+        workers = int(env.get("CHATSTREAM_WORKERS", "1"))
+        for key in ADMISSION_OFF:
+            if key in self.server_env:
+                env[key] = self.server_env[key]
+            else:
+                del env[key]
+        server = self.procs.start("chatstream-serve-p6", [str(BIN / "chatstream"), "serve"], env)
+        try:
+            wait_until(lambda: _grpc_health(address), timeout_s=60, what="serve (P6)", child=server)
+            # Every worker, not just the first to answer: a load connected before the second one
+            # listens would all go to the first.
+            for i in range(workers):
+                url = f"http://127.0.0.1:{metrics_port + i}/metrics"
+                wait_until(lambda url=url: _http_ok(url), timeout_s=60, what=f"P6 worker {i}", child=server)
+            ours = System("chatstream", "grpc", address, server)
+            began_wall = time.time()
+            # What each worker measured, every half second: did it shed when it should have?
+            timeline = MetricsTimeline([metrics_port + i for i in range(workers)])
+            timeline.start()
+            try:
+                run = self.p6_run(ours, streams, tokens)
+            finally:
+                timeline.stop()
+            run["rows"] = asyncio.run(self.turn_rows_since(began_wall))
+            run["load_readings"] = timeline.summary()
+            log(f"  server readings: {run['load_readings']}")
+        finally:
+            self.procs.stop(server)
+        floor = self.p6_run(self.systems["floor"], streams, tokens)
+        refusals = sum(run["refused"].values())
+        checks = {
+            "gap_p99_le_100ms": run["gap_p99_ms"] is not None and run["gap_p99_ms"] <= 100,
+            "no_midstream_failures": run["midstream_failures"] == 0 and not run["bad_text"],
+            "refusals_carry_retry_info": run["refused_without_retry_info"] == 0,
+            "refusals_left_no_rows": run["rows"] == run["started_events"],
+        }
+        self.results["P6"] = {
+            "capacity": capacity,
+            "capacity_from": "--p6-capacity" if cfg.p6_capacity else ("P3" if p3 else "default"),
+            "streams": streams,
+            "main": run,
+            "floor": floor,
+            "refusals": refusals,
+            "checks": checks,
+            "met": all(checks.values()),
+        }
+        log(
+            f"  P6: admitted {run['started_events']} turns, {refusals} refusals {run['refused']}, "
+            f"gap p99 {run['gap_p99_ms']} ms, mid-stream failures {run['midstream_failures']}, "
+            f"rows {run['rows']}; floor gap p99 {floor['gap_p99_ms']} ms, errors {floor['errors'] or 0}"
+        )
+
+    def p6_run(self, system: System, streams: int, tokens: int) -> dict[str, Any]:
+        cfg = self.cfg
+        duration = tokens / cfg.p3_rate
+        return self.run_load(
+            system,
+            label=f"p6-{streams}",
+            streams=streams,
+            clients=max(cfg.p3_clients, -(-streams // 500)),
+            tokens=tokens,
+            rate=cfg.p3_rate,
+            warmup=0,
+            # Room for a second wave: streams refused at first are admitted as others end.
+            window=cfg.p6_ramp + 2 * duration + 10,
+            ramp=cfg.p6_ramp,
+            drain=duration + 5,
+            turns_per_stream=1,
+            retry_refused=True,
+        )
+
+    async def turn_rows_since(self, wall: float) -> int:
+        """Turn rows created since ``wall``: every one must be a turn whose TurnStarted was sent."""
+        import asyncpg
+
+        assert self.svc is not None
+        conn = await asyncpg.connect(asyncpg_dsn(self.svc.database_url))
+        try:
+            since = datetime.fromtimestamp(wall, UTC)
+            return int(await conn.fetchval("SELECT count(*) FROM chat.turns WHERE created_at >= $1", since))
+        finally:
+            await conn.close()
 
     def phase_p4(self) -> None:
         cfg = self.cfg
@@ -882,6 +1006,7 @@ class Bench:
                     ("P2", self.phase_p2),
                     ("P3", self.phase_p3),
                     ("P4", self.phase_p4),
+                    ("P6", self.phase_p6),
                 ]
                 if cfg.profile:
                     steps += [("P1", lambda: self.profile("P1")), ("P4", lambda: self.profile("P4"))]
@@ -907,6 +1032,65 @@ class Bench:
             "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "phases"},
         }
         return self.results
+
+
+class MetricsTimeline:
+    """Scrapes the load readings of chatstream serve's workers every half second, in a thread."""
+
+    NAMES = (
+        "chatstream_event_loop_lag_seconds",
+        "chatstream_event_loop_cpu_ratio",
+        "chatstream_shedding",
+        "chatstream_active_streams",
+    )
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="metrics-timeline")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for index, port in enumerate(self.ports):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
+                        text = r.read().decode()
+                except OSError:
+                    continue
+                sample: dict[str, float] = {"t": monotonic(), "worker": index}
+                for line in text.splitlines():
+                    name, _, value = line.partition(" ")
+                    if name in self.NAMES:
+                        sample[name.removeprefix("chatstream_")] = float(value)
+                self.samples.append(sample)
+
+    def summary(self) -> dict[str, Any]:
+        """Per worker: the share of samples shedding, and the lag and CPU readings' median and max."""
+        out: dict[str, Any] = {}
+        for index in range(len(self.ports)):
+            mine = [s for s in self.samples if s["worker"] == index and "event_loop_lag_seconds" in s]
+            if not mine:
+                continue
+            lags = [s["event_loop_lag_seconds"] * 1000 for s in mine]
+            cpus = [s["event_loop_cpu_ratio"] for s in mine]
+            out[f"worker{index}"] = {
+                "samples": len(mine),
+                "shedding_share": round(sum(s["shedding"] for s in mine) / len(mine), 3),
+                "lag_p90_ms_median": _round(median(lags), 1),
+                "lag_p90_ms_max": round(max(lags), 1),
+                "loop_cpu_median": _round(median(cpus), 2),
+                "loop_cpu_max": round(max(cpus), 2),
+                "active_streams_max": max(s.get("active_streams", 0) for s in mine),
+            }
+        return out
 
 
 # -- merging and summaries ---------------------------------------------------------------------------
@@ -945,7 +1129,19 @@ def merge_load(parts: list[dict[str, Any]], *, window: float) -> dict[str, Any]:
         "gap_max_ms": _ms(max((p["max_gap"] for p in parts), default=None)),
         "error_samples": [e for p in parts for e in p.get("error_samples", [])][:10],
         "started_censored": sum(p.get("started_censored", 0) for p in parts),
+        "started_events": sum(p.get("started_events", 0) for p in parts),
+        "refused": merge_counts(p.get("refused", {}) for p in parts),
+        "refused_without_retry_info": sum(p.get("refused_without_retry_info", 0) for p in parts),
+        "midstream_failures": sum(p.get("midstream_failures", 0) for p in parts),
     }
+
+
+def merge_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for count in counts:
+        for key, n in count.items():
+            merged[key] = merged.get(key, 0) + n
+    return merged
 
 
 def summarize_p1(runs: list[dict[str, Any]], reps: int) -> dict[str, Any]:
@@ -1143,7 +1339,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated phases, e.g. P1,P2")
     parser.add_argument("--reps", type=int, help="repetitions of P1, P2 and P4 (default 3; 1 with --quick)")
     parser.add_argument("--p3-streams", type=int, help="P3's concurrent streams (default 1000)")
+    parser.add_argument(
+        "--p3-steps",
+        help="P3's other sizes, e.g. 150,200,300: those above --p3-streams are tried while they pass, "
+        "those below (largest first) until one passes if the main run failed",
+    )
     parser.add_argument("--p5-turns", type=int, help="P5's backlog size in turns (default 20000)")
+    parser.add_argument(
+        "--p6-capacity",
+        type=int,
+        help="streams chatstream serve carries; P6 runs twice that (default: P3's highest passing, or 100)",
+    )
+    parser.add_argument("--p6-duration", type=float, help="P6's turn length in seconds (default 30)")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument("--profile", action="store_true", help="profile P1/P4 even with --quick")
     parser.add_argument(

@@ -12,6 +12,12 @@ Timeline from t0: stream i starts at ``t0 + ramp * i / N``; the measurement wind
 ``drain`` seconds later are cancelled (counted as ``cut``, not as errors). Each stream runs turns back
 to back, continuing one conversation for ``--conv-turns`` turns, at most ``--turns-per-stream`` turns.
 
+With ``--retry-refused`` (P6), a call the server refuses before its TurnStarted for its load or its
+stream caps (``SERVER_OVERLOADED``, ``TOO_MANY_STREAMS``) is counted as refused, checked for
+``ErrorInfo`` and ``RetryInfo``, and tried again after the RetryInfo delay, as a well-behaved client
+would, until the window ends; it is not an error. A turn that failed after its TurnStarted is a
+mid-stream failure.
+
 Per turn it checks that the reply is exactly the expected text (every token, in order), and records:
 time to TurnStarted (request sent -> started received), server-added time to first token (first
 TextDelta received -> the fake's send time encoded in the first token), gaps between consecutive events
@@ -53,6 +59,7 @@ class Plan:
     turns_per_stream: int
     streams_per_channel: int
     call_timeout: float
+    retry_refused: bool = False
 
 
 @dataclass(slots=True)
@@ -73,6 +80,23 @@ class Stats:
     max_gap: float = 0.0
     error_samples: list[str] = field(default_factory=list)
     started_censored: int = 0
+    started_events: int = 0
+    """TurnStarted events received: turns the server admitted and made durable."""
+    refused: Counter[str] = field(default_factory=Counter)
+    """Calls refused before TurnStarted, by ErrorInfo reason (``--retry-refused``)."""
+    refused_without_retry_info: int = 0
+    midstream_failures: int = 0
+    """Turns that failed (error, status, or text) after their TurnStarted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A call the server refused before any side effect; try again after ``delay_s``."""
+
+    delay_s: float
+
+
+REFUSALS = frozenset({"SERVER_OVERLOADED", "TOO_MANY_STREAMS"})
 
 
 class Runner:
@@ -145,8 +169,8 @@ class Runner:
 
     async def grpc_turn(
         self, stub: Any, conversation: str, metadata: tuple[tuple[str, str], ...]
-    ) -> str | None:
-        """One turn; returns the conversation name to continue, or None after a failure."""
+    ) -> str | Refused | None:
+        """One turn; returns the conversation name to continue, None after a failure, or a refusal."""
         from chatstream.v1 import chat_service_pb2 as pb
         from grpc import aio
 
@@ -160,6 +184,7 @@ class Runner:
         first = True
         last = sent
         ok = False
+        started = False
         try:
             async for response in call:
                 now = monotonic()
@@ -172,6 +197,8 @@ class Runner:
                     parts.append(text)
                 elif kind == "started":
                     conversation = event.started.conversation
+                    started = True
+                    self.stats.started_events += 1
                     self.record_started(now, sent)
                 elif kind == "completed":
                     ok = event.completed.status == pb.TURN_STATUS_COMPLETED
@@ -180,6 +207,10 @@ class Runner:
                 self.record_event(now, last)
                 last = now
         except aio.AioRpcError as exc:
+            if started:
+                self.stats.midstream_failures += 1
+            elif plan.retry_refused and (refused := self.refusal(exc)) is not None:
+                return refused
             self.stats.errors[exc.code().name] += 1
             if len(self.stats.error_samples) < 5:
                 self.stats.error_samples.append(
@@ -187,7 +218,35 @@ class Runner:
                     f"{len(parts)} deltas, t={monotonic() - self.t0:.1f}s into the run"
                 )
             return None
-        return conversation if self.end_turn("".join(parts), ok, monotonic()) else None
+        if self.end_turn("".join(parts), ok, monotonic()):
+            return conversation
+        if started:
+            self.stats.midstream_failures += 1
+        return None
+
+    def refusal(self, exc: Any) -> Refused | None:
+        """A refusal for load or stream caps, from the rich status; None for any other error."""
+        from google.rpc import error_details_pb2, status_pb2
+
+        details = dict(exc.trailing_metadata() or ()).get("grpc-status-details-bin")
+        if details is None:
+            return None
+        reason, delay_s = None, None
+        for detail in status_pb2.Status.FromString(details).details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                delay_s = retry.retry_delay.ToTimedelta().total_seconds()
+        if reason not in REFUSALS:
+            return None
+        self.stats.refused[reason] += 1
+        if delay_s is None:
+            self.stats.refused_without_retry_info += 1
+        return Refused(delay_s if delay_s is not None else 1.0)
 
     async def run_grpc(self) -> None:
         import grpc
@@ -321,6 +380,10 @@ class Runner:
         while done < limit and monotonic() < self.we:
             result = await turn(index, conversation)
             self.waiting.pop(id(asyncio.current_task()), None)  # failed before TurnStarted
+            if isinstance(result, Refused):
+                # Nothing happened on the server: the same turn again, after the delay it asked for.
+                await asyncio.sleep(result.delay_s)
+                continue
             done += 1
             in_conversation += 1
             if result is None:
@@ -348,6 +411,10 @@ class Runner:
             "max_gap": s.max_gap,
             "error_samples": s.error_samples,
             "started_censored": s.started_censored,
+            "started_events": s.started_events,
+            "refused": dict(s.refused),
+            "refused_without_retry_info": s.refused_without_retry_info,
+            "midstream_failures": s.midstream_failures,
             "window_start": self.ws,
             "window_end": self.we,
             **self.marks,
@@ -372,6 +439,11 @@ def main() -> None:
     parser.add_argument("--turns-per-stream", type=int, default=0, help="0: as many as fit")
     parser.add_argument("--streams-per-channel", type=int, default=50)
     parser.add_argument("--call-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--retry-refused",
+        action="store_true",
+        help="retry calls refused for load or stream caps after their RetryInfo delay (P6)",
+    )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (the SSE client only)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON result")
     args = parser.parse_args()
@@ -389,6 +461,7 @@ def main() -> None:
         turns_per_stream=args.turns_per_stream,
         streams_per_channel=max(args.streams_per_channel, 1),
         call_timeout=args.call_timeout,
+        retry_refused=args.retry_refused,
     )
     runner = Runner(plan)
     coro = runner.run_grpc() if plan.target == "grpc" else runner.run_sse()

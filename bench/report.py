@@ -74,6 +74,18 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             "complete": p5["complete"],
             "met": p5_met(p5),
         }
+    if p6 := results.get("P6"):
+        main = p6["main"]
+        out["P6"] = {
+            "streams": p6["streams"],
+            "admitted_turns": main["started_events"],
+            "refused": main["refused"],
+            "gap_p99_ms": main["gap_p99_ms"],
+            "midstream_failures": main["midstream_failures"],
+            "floor_gap_p99_ms": p6["floor"]["gap_p99_ms"],
+            "checks": p6["checks"],
+            "met": p6["met"],
+        }
     for phase, prof in results.get("profiles", {}).items():
         out[f"profile_{phase}_top_self"] = prof.get("top_self", [])[:5]
     if results.get("failures"):
@@ -289,6 +301,20 @@ def _summary_rows(results: dict[str, Any]) -> list[str]:
             f"(COPY {_f(raw['copy_rows_per_s'], 0)}) | | >= 10,000 turns/s and >= 0.5x raw: "
             f"**{_f(p5['ratio_vs_executemany'], 2)}x** | {_met(p5_met(p5))} |"
         )
+    if p6 := results.get("P6"):
+        main, floor = p6["main"], p6["floor"]
+        rows.append(
+            f"| P6 | overload: {p6['streams']:,} streams (2 x {p6['capacity']:,}, from "
+            f"{p6['capacity_from']}) x 20 tokens/s, {main['tokens_per_reply'] / 20:.0f} s, "
+            "refused calls retried after RetryInfo | "
+            f"{main['started_events']:,} turns admitted, {sum(main['refused'].values()):,} refusals "
+            f"({main['refused_without_retry_info']} without RetryInfo), admitted gap p99 "
+            f"{_f(main['gap_p99_ms'], 0)} ms, {main['midstream_failures']} mid-stream failures, "
+            f"{main['rows']:,} turn rows for {main['started_events']:,} TurnStarted | "
+            f"admits all: gap p99 {_f(floor['gap_p99_ms'], 0)} ms, "
+            f"{sum(floor['errors'].values()) + floor['cut']} errors | | admitted gap p99 <= 100 ms, "
+            f"0 mid-stream failures, refusals with RetryInfo and no side effect | {_met(p6['met'])} |"
+        )
     return rows
 
 
@@ -303,6 +329,8 @@ def _details(results: dict[str, Any]) -> list[str]:
                     runs.append(r["probe"] | {"label": "p2 probes", "system": r["system"], "cpu_s": {}})
     if p3 := results.get("P3"):
         runs += [p3["main"], *p3.get("compare", []), *p3.get("beyond", [])]
+    if p6 := results.get("P6"):
+        runs += [p6["main"], p6["floor"]]
     if runs:
         lines += [
             "<details><summary>Every load run</summary>",

@@ -22,7 +22,9 @@ from server.db.engine import Database
 from server.edge import EdgeInterceptor
 from server.leases import TurnLeases
 from server.limits import StreamLimiter
+from server.live import LiveLog
 from server.llm import LlmClient
+from server.load import LoadMonitor
 from server.metrics import Metrics, serve_metrics
 from server.production import Producer
 from server.public_streams import (
@@ -184,6 +186,11 @@ class ChatServer:
         renewals = asyncio.create_task(leases.renew_forever(), name="lease renewal")
         self._stack.push_async_callback(_cancel_and_wait, renewals)
         publisher = TurnPublisher(redis, shards=settings.redis.shards)
+        live_log = None
+        if settings.turns.live_log:
+            live_log = LiveLog(redis, ttl_s=settings.turns.live_ttl_s, maxlen=settings.turns.live_maxlen)
+            live_log.start()
+            self._stack.push_async_callback(live_log.close)
         producer = Producer(
             settings=settings,
             database=database,
@@ -193,6 +200,7 @@ class ChatServer:
             publisher=publisher,
             leases=leases,
             metrics=self.metrics,
+            live_log=live_log,
         )
         watcher = TurnWatcher(
             database=database,
@@ -225,6 +233,15 @@ class ChatServer:
             ),
         )
 
+        load = LoadMonitor(
+            max_lag_s=settings.admission.admission_max_lag_ms / 1000,
+            max_cpu=settings.admission.admission_max_cpu,
+            window_s=settings.admission.admission_window_s,
+            retry_after_s=settings.admission.admission_retry_after_s,
+            metrics=self.metrics,
+        )
+        sampling = asyncio.create_task(load.run(), name="load monitor")
+        self._stack.push_async_callback(_cancel_and_wait, sampling)
         edge = EdgeInterceptor(
             verifier=verifier,
             limiter=StreamLimiter(
@@ -236,8 +253,12 @@ class ChatServer:
                     if verifier.mode is AuthMode.REQUIRED
                     else settings.limits.max_streams
                 ),
+                metrics=self.metrics,
+                load=load,
             ),
             public_services=PUBLIC_SERVICES,
+            # Only a Chat starts new work; a watch follows a turn that is already running.
+            sheddable_methods={f"/{SERVICE_NAME}/Chat"},
             max_metadata_bytes=settings.limits.max_metadata_bytes,
         )
         interceptors: list[grpc.aio.ServerInterceptor] = [edge, _public_stream_cap(settings)]

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from server import constants
 from server.envvars import EnvVar, env, env_var, load_group, split_list
 from server.envvars import SettingsError as SettingsError  # re-exported: callers catch it from here
+from server.limit_settings import AdmissionSettings as AdmissionSettings  # re-exported, as the next
+from server.limit_settings import LimitsSettings as LimitsSettings  # re-exported: one import for every group
 
 
 class AuthMode(enum.StrEnum):
@@ -237,53 +239,6 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LimitsSettings:
-    """Limits on what one peer can make the server hold."""
-
-    max_request_bytes: int = field(
-        default=1024 * 1024, metadata=env("CHATSTREAM_MAX_REQUEST_BYTES", minimum=1024)
-    )
-    """Largest request message accepted."""
-    max_metadata_bytes: int = field(
-        default=16 * 1024, metadata=env("CHATSTREAM_MAX_METADATA_BYTES", minimum=1024)
-    )
-    """Largest total of one call's metadata (headers) accepted."""
-    max_streams: int = field(default=1000, metadata=env("CHATSTREAM_MAX_STREAMS", minimum=1))
-    """Concurrent Chat streams per server process."""
-    max_streams_per_owner: int = field(
-        default=32, metadata=env("CHATSTREAM_MAX_STREAMS_PER_OWNER", minimum=1)
-    )
-    """Concurrent Chat streams per owner and server process;
-    with auth mode ``none`` there is one owner and only ``max_streams`` applies."""
-    max_connections: int = field(default=1000, metadata=env("CHATSTREAM_MAX_CONNECTIONS", minimum=1))
-    """Open client connections per server process; past it a new
-    connection is accepted and closed at once. Keep the process's file-descriptor limit above
-    this plus ``max_streams`` and the database pools (the server warns at start-up otherwise)."""
-    max_streams_per_connection: int = field(
-        default=100, metadata=env("CHATSTREAM_MAX_STREAMS_PER_CONNECTION", minimum=1)
-    )
-    """Concurrent calls (HTTP/2 streams) of any service on one connection, advertised as
-    SETTINGS_MAX_CONCURRENT_STREAMS; gRPC clients queue
-    calls past it, and a peer that sends them anyway has them reset (RST_STREAM)."""
-    max_concurrent_rpcs: int = field(default=3000, metadata=env("CHATSTREAM_MAX_CONCURRENT_RPCS", minimum=1))
-    """Concurrent calls of every service together, per process;
-    past it gRPC answers RESOURCE_EXHAUSTED. Above ``max_streams`` plus the health-watch and
-    reflection caps, so those never starve Chat."""
-    max_health_watches: int = field(default=1000, metadata=env("CHATSTREAM_MAX_HEALTH_WATCHES", minimum=0))
-    """Concurrent ``grpc.health.v1.Health/Watch`` streams per process;
-    one more gets RESOURCE_EXHAUSTED / TOO_MANY_STREAMS. Client-side health checking opens one
-    per client channel; load-balancer probes use Check, which is not limited."""
-    max_reflection_streams: int = field(
-        default=64, metadata=env("CHATSTREAM_MAX_REFLECTION_STREAMS", minimum=0)
-    )
-    """Concurrent server-reflection streams per process."""
-    default_page_size: int = field(default=50, metadata=env("CHATSTREAM_DEFAULT_PAGE_SIZE", minimum=1))
-    """Page size when a list request asks for 0."""
-    max_page_size: int = field(default=1000, metadata=env("CHATSTREAM_MAX_PAGE_SIZE", minimum=1))
-    """Larger page sizes are lowered to this."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionsSettings:
     """How the server keeps and ends client connections (HTTP/2 keepalive, age, idle)."""
 
@@ -360,6 +315,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     connections: ConnectionsSettings = field(default_factory=ConnectionsSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
@@ -377,6 +333,7 @@ class Settings:
             auth=load_group(AuthSettings, env),
             tls=load_group(TlsSettings, env),
             limits=load_group(LimitsSettings, env),
+            admission=load_group(AdmissionSettings, env),
             connections=load_group(ConnectionsSettings, env),
             server=load_group(ServerSettings, env),
             observability=load_group(ObservabilitySettings, env),

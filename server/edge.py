@@ -11,7 +11,8 @@ handler's own task and before the servicer sees the call, it
 4. refuses a request message that did not parse (INVALID_ARGUMENT, MALFORMED_REQUEST)
    instead of letting gRPC answer with a bare INTERNAL;
 5. admits a response stream only under the per-owner and per-server limits
-   (RESOURCE_EXHAUSTED, TOO_MANY_STREAMS);
+   (RESOURCE_EXHAUSTED, TOO_MANY_STREAMS) and, for the methods that start new work
+   (Chat), only while the process is not overloaded (UNAVAILABLE, SERVER_OVERLOADED);
 6. publishes the verified principal for ``server.auth.CurrentPrincipal``.
 
 Checks 1 and 3 repeat what gRPC's transport does for well-behaved peers: the transport
@@ -70,17 +71,21 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         verifier: CredentialVerifier,
         limiter: StreamLimiter,
         public_services: Collection[str],
+        sheddable_methods: Collection[str],
         max_metadata_bytes: int,
     ) -> None:
         """Args:
         verifier: Turns a call's credential into a principal.
-        limiter: Bounds concurrent response streams.
+        limiter: Bounds concurrent response streams, and sheds new work under load.
         public_services: Full service names reachable without a credential (health, reflection).
+        sheddable_methods: Full method names (``/package.Service/Method``) whose streams start
+            new work, which the limiter refuses while the process is overloaded.
         max_metadata_bytes: Largest total metadata, counted as HTTP/2 does.
         """
         self._verifier = verifier
         self._limiter = limiter
         self._public = frozenset(public_services)
+        self._sheddable = frozenset(sheddable_methods)
         self._max_metadata_bytes = max_metadata_bytes
 
     async def intercept_service(
@@ -126,9 +131,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None:
             unary_stream = cast(Callable[[object, Context], object], handler.unary_stream)
 
+            sheddable = method in self._sheddable
+
             async def guarded_unary_stream(request: object, context: Context) -> None:
                 principal = await self._admit(request, context, method)
-                await self._stream(principal, context, lambda: unary_stream(request, context))
+                await self._stream(
+                    principal, context, lambda: unary_stream(request, context), sheddable=sheddable
+                )
 
             return grpc.unary_stream_rpc_method_handler(
                 guarded_unary_stream, _tolerant(handler.request_deserializer), serializer
@@ -157,11 +166,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             return principal
         raise AssertionError("unreachable: abort_on_error aborts")
 
-    async def _stream(self, principal: Principal, context: Context, start: Callable[[], object]) -> None:
+    async def _stream(
+        self, principal: Principal, context: Context, start: Callable[[], object], *, sheddable: bool
+    ) -> None:
         """Runs a response-streaming behaviour inside a stream slot of the principal's owner."""
         with contextlib.ExitStack() as slot:
             async with abort_on_error(context):
-                slot.enter_context(self._limiter.admit(principal.owner))
+                slot.enter_context(self._limiter.admit(principal.owner, sheddable=sheddable))
             token = bind_principal(principal)
             try:
                 await run_streaming(start(), context)

@@ -19,7 +19,8 @@ Exception tree, with the reasons each sends (``ErrorReason`` without its prefix)
     │   ├── ResourceExhaustedError    TOO_MANY_STREAMS
     │   └── UnavailableError
     │       ├── UpstreamUnavailableError  UPSTREAM_UNAVAILABLE: the model is overloaded or unreachable
-    │       └── StorageUnavailableError   STORAGE_UNAVAILABLE: PostgreSQL or Redis is unreachable
+    │       ├── StorageUnavailableError   STORAGE_UNAVAILABLE: PostgreSQL or Redis is unreachable
+    │       └── OverloadedError           SERVER_OVERLOADED: this process sheds new turns (server/load.py)
     └── InternalError                 INTERNAL: generic message, details only in logs
 
 A reason is an ``ErrorReason`` value of the generated proto module, never a string typed
@@ -188,6 +189,17 @@ class StorageUnavailableError(UnavailableError):
     default_reason = ErrorReason.ERROR_REASON_STORAGE_UNAVAILABLE
 
 
+class OverloadedError(UnavailableError):
+    """This process's measured load is past what it can carry; new turns are refused before any side effect.
+
+    UNAVAILABLE rather than RESOURCE_EXHAUSTED: the condition is the server's and passes
+    within seconds, and another replica may serve the call now; clients and proxies retry
+    UNAVAILABLE (after ``retry_after``), not a quota error.
+    """
+
+    default_reason = ErrorReason.ERROR_REASON_SERVER_OVERLOADED
+
+
 class InternalError(ChatError):
     """Our bug or misconfiguration (e.g. the model rejected our request); details stay in the logs."""
 
@@ -220,6 +232,7 @@ __all__ = [
     "InternalError",
     "InvalidArgumentError",
     "NotFoundError",
+    "OverloadedError",
     "PermissionDeniedError",
     "RequestTooLargeError",
     "ResourceExhaustedError",

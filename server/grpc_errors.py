@@ -25,6 +25,7 @@ from server.errors import (
     ChatError,
     InternalError,
     InvalidArgumentError,
+    OverloadedError,
     RetryableError,
     UnavailableError,
     classify,
@@ -57,6 +58,7 @@ STATUS_CODES: Final[Mapping[ErrorReason.ValueType, grpc.StatusCode]] = {
     _R.ERROR_REASON_DEADLINE_EXCEEDED: _C.DEADLINE_EXCEEDED,
     _R.ERROR_REASON_UPSTREAM_UNAVAILABLE: _C.UNAVAILABLE,
     _R.ERROR_REASON_STORAGE_UNAVAILABLE: _C.UNAVAILABLE,
+    _R.ERROR_REASON_SERVER_OVERLOADED: _C.UNAVAILABLE,
     _R.ERROR_REASON_INTERNAL: _C.INTERNAL,
 }
 """The gRPC status code of every reason the service sends; ``ErrorReason``'s comments say the same."""
@@ -106,6 +108,10 @@ async def abort_on_error(context: grpc.aio.ServicerContext[RequestT, ResponseT])
         err = classify(exc)
         if isinstance(err, InternalError) and err is not exc:
             logger.exception("unexpected error in RPC")
+        elif isinstance(err, OverloadedError):
+            # Hundreds a second while shedding: the load monitor logs when shedding starts
+            # and stops, and chatstream_streams_refused_total counts them.
+            pass
         elif isinstance(err, InternalError | UnavailableError):
             logger.warning("RPC failed: %s (%s)", err.reason, exc.__class__.__name__)
         status = rpc_status.to_status(to_status(err))

@@ -2,19 +2,20 @@
 
 While a turn streams, its numbered events go to the stream ``chat:live:{<turn_id>}``, whose
 entry ids are ``<seq>-0``: a resume point is an entry id, and XRANGE/XREAD from it give
-exactly the events after it. The producer writes in the background, a pipeline at a time
-(events that pile up meanwhile go together in the next one). Each pipeline refreshes the
-log's TTL (only the producer does) and reads the turn's cancel flag, which is how
-``CancelTurn`` on any replica reaches the producer. The log is bounded (MAXLEN) and ends with
-the terminal event. Each turn's start is also noted in its conversation's stream,
-``chat:live:conv:{<conversation_id>}``, for WatchConversation.
+exactly the events after it. One writer per process (``LiveLog``) writes every turn's
+events in the background, a pipeline at a time (what piles up meanwhile, across turns, goes
+together in the next one). The writer refreshes each log's TTL (only the producer's process
+does) and reads each turn's cancel flag, which is how ``CancelTurn`` on any replica reaches
+the producer. The log is bounded (MAXLEN) and ends with the terminal event. Each turn's start
+is also noted in its conversation's stream, ``chat:live:conv:{<conversation_id>}``, for
+WatchConversation.
 
 The log is written ahead of the caller: the starting call gets an event once a pipeline has
 written it (``on_written``), so that a turn whose server dies can be ended with at least the
-text its caller saw (server/leases.py). A pipeline that fails is tried again, in order, until
-the turn ends; its caller meanwhile waits, and gets everything once the outcome is stored.
-If Redis is down, watchers fall back to PostgreSQL, which has the turn once it ended. All of
-one turn's keys share the hash tag ``{<turn_id>}``.
+text its caller saw (server/leases.py). A turn's events that a pipeline failed to write are
+tried again, in order, until the turn ends; its caller meanwhile waits, and gets everything
+once the outcome is stored. If Redis is down, watchers fall back to PostgreSQL, which has the
+turn once it ended. All of one turn's keys share the hash tag ``{<turn_id>}``.
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ from server.redis_client import REDIS_OUTAGES, is_redis_outage
 
 logger = logging.getLogger(__name__)
 
-# How often the writer looks at the cancel flag while no event flows (a stalled upstream).
-_IDLE_TICK_S: Final = 0.25
+# How often the writer reads the cancel flag of every turn it writes for: CancelTurn on any
+# replica reaches the producer within this much, plus one pipeline.
+_CANCEL_CHECK_S: Final = 0.25
+# How often a streaming turn's TTL is refreshed; its last write refreshes it too, so the
+# log lives CHATSTREAM_LIVE_TTL_S after the turn ends.
+_TTL_REFRESH_S: Final = 1.0
 _WRITE_TIMEOUT_S: Final = 2.0
-# Between two tries of a pipeline that failed: Redis is down or failing over.
+# After a pipeline that failed to write some turn's events: Redis is down or failing over.
 _RETRY_DELAY_S: Final = 0.25
 _CONVERSATION_MAXLEN: Final = 100
 
@@ -113,123 +118,217 @@ def decode(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Sequenced:
     raise ValueError(f"unknown live event kind {kind!r}")
 
 
-class LiveWriter:
-    """Writes one turn's events to its live log in the background; see the module docstring."""
+class LiveLog:
+    """The process's one writer of live logs: every turn's events go to Redis in shared pipelines.
 
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        *,
-        conversation_id: uuid.UUID,
-        turn_id: uuid.UUID,
-        ttl_s: float,
-        maxlen: int,
-        on_cancel: Callable[[], None],
-        on_written: Callable[[int], None] = lambda seq: None,
-    ) -> None:
-        """Args:
-        on_cancel: Called when the turn's cancel flag is seen.
-        on_written: Called with the number of the last event a pipeline wrote.
-        """
+    One background task writes for all the turns this process produces. Whatever piled up
+    across turns while its last pipeline was in flight goes in the next one, so a busy
+    process sends one round trip per tick rather than one per delta per turn; an idle one
+    writes each event at once. Each turn's TTL is refreshed on its first and last write
+    and at most every ``_TTL_REFRESH_S`` in between, and every open turn's cancel flag is
+    read every ``_CANCEL_CHECK_S``, all in the same pipelines.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, ttl_s: float, maxlen: int) -> None:
         self._redis = redis
-        self._conversation_id = conversation_id
-        self._turn_id = turn_id
-        self._key = live_key(turn_id)
-        self._cancel_key = cancel_key(turn_id)
         self._ttl_ms = int(ttl_s * 1000)
         self._maxlen = maxlen
-        self._on_cancel = on_cancel
-        self._on_written = on_written
-        self._pending: list[Sequenced] = []
+        self._open: dict[uuid.UUID, TurnLog] = {}
+        self._dirty: dict[uuid.UUID, TurnLog] = {}
         self._wake = asyncio.Event()
-        self._closed = False
-        self._failed_before = False
+        self._next_check = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Starts the background writer."""
-        self._task = asyncio.create_task(self._run(), name=f"live log {self._turn_id}")
-
-    def append(self, item: Sequenced) -> None:
-        """Queues an event; never waits."""
-        self._pending.append(item)
-        self._wake.set()
+        self._task = asyncio.create_task(self._run(), name="live log writer")
 
     async def close(self) -> None:
-        """Writes what is queued, trying once, bounded in time; then stops the writer."""
-        self._closed = True
-        self._wake.set()
+        """Writes what is queued (bounded in time) and stops the writer."""
+        logs = list(self._open.values())
+        for log in logs:
+            log.closing = True
+            self._mark(log)
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=_WRITE_TIMEOUT_S * 2)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(log.written.wait() for log in logs)), timeout=_WRITE_TIMEOUT_S * 2
+                )
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def open(
+        self,
+        *,
+        conversation_id: uuid.UUID,
+        turn_id: uuid.UUID,
+        on_cancel: Callable[[], None],
+        on_written: Callable[[int], None] = lambda seq: None,
+    ) -> TurnLog:
+        """The live log of one turn this process starts producing.
+
+        Args:
+            conversation_id: The turn's conversation.
+            turn_id: The turn.
+            on_cancel: Called when the turn's cancel flag is seen.
+            on_written: Called with the number of the turn's last event a pipeline wrote.
+        """
+        log = TurnLog(
+            self, conversation_id=conversation_id, turn_id=turn_id, on_cancel=on_cancel, on_written=on_written
+        )
+        self._open[turn_id] = log
+        return log
+
+    def _mark(self, log: TurnLog) -> None:
+        self._dirty[log.turn_id] = log
+        self._wake.set()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            if not self._pending and not self._closed:
+            if not self._dirty:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), _IDLE_TICK_S)
-                self._wake.clear()
-            # The deltas that piled up during the last pipeline become one entry.
-            batch, self._pending = join_deltas(self._pending), []
-            written, cancelled = await self._write(batch)
-            if cancelled:
-                self._on_cancel()
-            if written and batch:
-                self._on_written(batch[-1].seq)
-            elif not written and not self._closed:
-                # Again in the next pipeline, in order: no hole in the log. Once the writer is
-                # closing the outcome is stored, and watchers find it in PostgreSQL.
-                self._pending[:0] = batch
+                    await asyncio.wait_for(self._wake.wait(), _CANCEL_CHECK_S)
+            self._wake.clear()
+            batch, self._dirty = self._dirty, {}
+            now = loop.time()
+            checks: list[TurnLog] = []
+            if now >= self._next_check:
+                checks = list(self._open.values())
+                self._next_check = now + _CANCEL_CHECK_S
+            retry = False
+            if batch or checks:
+                try:
+                    retry = await self._write(list(batch.values()), checks, now)
+                except Exception:
+                    # One writer serves every turn of the process: it must outlive a bug.
+                    logger.exception("live log writer: a pipeline failed")
+            for log in batch.values():
+                if log.closing and not log.pending:
+                    self._open.pop(log.turn_id, None)
+                    log.written.set()
+            if retry:
                 await asyncio.sleep(_RETRY_DELAY_S)
-            if self._closed and not self._pending:
-                return
 
-    async def _write(self, batch: list[Sequenced]) -> tuple[bool, bool]:
-        """One pipeline: the events, the TTL, and a look at the cancel flag.
+    async def _write(self, batch: list[TurnLog], checks: list[TurnLog], now: float) -> bool:
+        """One pipeline: the batch's events and TTLs, and the cancel flags of ``checks``.
 
-        Returns whether the events are in the log, and whether the cancel flag is set.
+        Returns whether some turn's events are to be tried again.
         """
+        owners: list[TurnLog] = []  # whose command each reply answers
+        taken: dict[uuid.UUID, list[Sequenced]] = {}
         try:
             async with asyncio.timeout(_WRITE_TIMEOUT_S):
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for item in batch:
-                        pipe.xadd(
-                            self._key, encode(item), id=f"{item.seq}-0", maxlen=self._maxlen, approximate=True
-                        )
-                        if isinstance(item.event, TurnStarted):
+                    for log in batch:
+                        # The deltas that piled up since its last write become one entry.
+                        items, log.pending = join_deltas(log.pending), []
+                        taken[log.turn_id] = items
+                        for item in items:
                             pipe.xadd(
-                                conversation_key(self._conversation_id),
-                                {"t": str(self._turn_id)},
-                                maxlen=_CONVERSATION_MAXLEN,
+                                log.key,
+                                encode(item),
+                                id=f"{item.seq}-0",
+                                maxlen=self._maxlen,
                                 approximate=True,
                             )
-                            pipe.pexpire(conversation_key(self._conversation_id), self._ttl_ms)
-                    if batch:
-                        pipe.pexpire(self._key, self._ttl_ms)
-                    pipe.exists(self._cancel_key)
+                            owners.append(log)
+                            if isinstance(item.event, TurnStarted):
+                                conversation = conversation_key(log.conversation_id)
+                                pipe.xadd(
+                                    conversation,
+                                    {"t": str(log.turn_id)},
+                                    maxlen=_CONVERSATION_MAXLEN,
+                                    approximate=True,
+                                )
+                                pipe.pexpire(conversation, self._ttl_ms)
+                                owners += (log, log)
+                        if items and (log.closing or now - log.refreshed >= _TTL_REFRESH_S):
+                            pipe.pexpire(log.key, self._ttl_ms)
+                            owners.append(log)
+                            log.refreshed = now
+                    for log in checks:
+                        pipe.exists(log.cancel_key)
                     results = await pipe.execute(raise_on_error=False)
         except _REDIS_ERRORS as exc:
-            self._log_failure(exc)
-            return False, False
-        written = True
-        for result in results[:-1]:
+            for log in {id(log): log for log in [*batch, *checks]}.values():
+                log.failed(exc)
+            return self._settle(batch, taken, unwritten={log.turn_id for log in batch})
+        unwritten: set[uuid.UUID] = set()
+        for log, result in zip(owners, results, strict=False):
             if isinstance(result, Exception):
-                self._log_failure(result)
+                log.failed(result)
                 # Any other error is for good: an entry an earlier, timed-out try did write
                 # (its id is taken), say; trying again cannot help.
-                written = written and not is_redis_outage(result)
-        flag = results[-1]
-        return written, not isinstance(flag, Exception) and bool(flag)
+                if is_redis_outage(result):
+                    unwritten.add(log.turn_id)
+        for log, flag in zip(checks, results[len(owners) :], strict=True):
+            if not isinstance(flag, Exception) and flag and not log.closing:
+                log.on_cancel()
+        return self._settle(batch, taken, unwritten=unwritten)
 
-    def _log_failure(self, exc: BaseException) -> None:
+    def _settle(
+        self, batch: list[TurnLog], taken: dict[uuid.UUID, list[Sequenced]], *, unwritten: set[uuid.UUID]
+    ) -> bool:
+        """Releases what was written to its callers; queues again, in order, what was not."""
+        retry = False
+        for log in batch:
+            items = taken.get(log.turn_id, [])
+            if log.turn_id not in unwritten:
+                if items:
+                    log.on_written(items[-1].seq)
+            elif not log.closing:
+                # Closing, the turn's outcome is stored: watchers find it in PostgreSQL.
+                log.pending[:0] = items
+                self._dirty[log.turn_id] = log
+                retry = True
+        return retry
+
+
+class TurnLog:
+    """One turn's live log, written by the process's ``LiveLog``."""
+
+    def __init__(
+        self,
+        writer: LiveLog,
+        *,
+        conversation_id: uuid.UUID,
+        turn_id: uuid.UUID,
+        on_cancel: Callable[[], None],
+        on_written: Callable[[int], None],
+    ) -> None:
+        self._writer = writer
+        self.conversation_id = conversation_id
+        self.turn_id = turn_id
+        self.key = live_key(turn_id)
+        self.cancel_key = cancel_key(turn_id)
+        self.on_cancel = on_cancel
+        self.on_written = on_written
+        self.pending: list[Sequenced] = []
+        self.refreshed = float("-inf")
+        """When the writer last refreshed the log's TTL (the loop's clock)."""
+        self.closing = False
+        self.written = asyncio.Event()
+        self._failed_before = False
+
+    def append(self, item: Sequenced) -> None:
+        """Queues an event; never waits."""
+        self.pending.append(item)
+        self._writer._mark(self)
+
+    async def close(self) -> None:
+        """Waits until what is queued is written (bounded in time); the log stays for watchers."""
+        self.closing = True
+        self._writer._mark(self)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.written.wait(), timeout=_WRITE_TIMEOUT_S * 2)
+
+    def failed(self, exc: BaseException) -> None:
         # Logged once per turn: a Redis outage must not flood the log at token rate.
         if not self._failed_before:
             self._failed_before = True
-            logger.warning("live log of turn %s: write failed (%s)", self._turn_id, exc.__class__.__name__)
+            logger.warning("live log of turn %s: write failed (%s)", self.turn_id, exc.__class__.__name__)
 
 
 async def request_cancel(redis: aioredis.Redis, turn_id: uuid.UUID, *, ttl_s: float) -> None:

@@ -5,6 +5,7 @@ See ANTHROPIC_STREAMING.md §9 for why errors are sorted the way they are.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -111,6 +112,9 @@ class LlmClient:
             # The read timeout is the longest silence allowed mid-stream; the SDK's
             # default (10 minutes) would pin a turn that long on a stalled upstream.
             timeout=httpx2.Timeout(settings.llm_timeout_s, connect=5.0),
+            # The SDK's own aiohttp transport: the SDK keeps its auth, retries and error
+            # classes, and the per-delta and per-request CPU drop (docs/benchmarks.md).
+            http_client=anthropic.DefaultAioHttpClient(),
         )
         if not _has_credential(self._client):
             if base_url is None:
@@ -160,42 +164,51 @@ class LlmClient:
                 system=self._system or anthropic.omit,
                 stream=True,
             ) as response:
-                event = ""
-                data: list[str] = []
-                async for line in response.iter_lines():
-                    if line:
-                        # SSE fields (ANTHROPIC_STREAMING.md §2.1); comments, id and retry are ignored.
-                        if line.startswith("data:"):
-                            data.append(line[6:] if line.startswith("data: ") else line[5:])
-                        elif line.startswith("event:"):
-                            event = line[6:].strip()
-                        continue
-                    name, payload = event, "\n".join(data)
-                    event, data = "", []
-                    if name == "content_block_delta":
-                        delta = json.loads(payload)["delta"]
-                        if delta.get("type") == "text_delta" and delta.get("text"):
-                            yield delta["text"]
-                    elif name == "message_start":
-                        message = json.loads(payload)["message"]
-                        input_tokens = _total_input(message["usage"])
-                        output_tokens = message["usage"]["output_tokens"]
-                        yield ReplyStarted(
-                            model=message.get("model") or self._model,
-                            usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens),
-                        )
-                    elif name == "message_delta":
-                        body = json.loads(payload)
-                        stop_reason = body["delta"].get("stop_reason")
-                        output_tokens = body["usage"]["output_tokens"]
-                        if body["usage"].get("input_tokens") is not None:
-                            input_tokens = _total_input(body["usage"])
-                    elif name == "message_stop":
-                        stopped = True
-                    elif name == "error":
-                        raise _stream_error(payload)
-                    # ping, content_block_start/stop, unknown events and frames without
-                    # an event name are dropped, as the SDK drops them.
+                event = b""
+                data: list[bytes] = []
+                lines = SseLines()
+                # `aiter_bytes` closes every generator under it when it is closed, and
+                # `aclosing` closes it here, in this task. httpx's `aiter_lines` does not
+                # close its inner generators: a reply abandoned mid-stream left them to the
+                # garbage collector, whose late `aclose` of `aiter_raw` failed outside any
+                # task. Splitting bytes into lines here is also cheaper than its str layers.
+                async with contextlib.aclosing(response.http_response.aiter_bytes()) as chunks:
+                    async for chunk in chunks:
+                        for line in lines.feed(chunk):
+                            if line:
+                                # SSE fields (ANTHROPIC_STREAMING.md §2.1); comments, id and
+                                # retry are ignored.
+                                if line.startswith(b"data:"):
+                                    data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+                                elif line.startswith(b"event:"):
+                                    event = line[6:].strip()
+                                continue
+                            name, payload = event, b"\n".join(data)
+                            event, data = b"", []
+                            if name == b"content_block_delta":
+                                delta = json.loads(payload)["delta"]
+                                if delta.get("type") == "text_delta" and delta.get("text"):
+                                    yield delta["text"]
+                            elif name == b"message_start":
+                                message = json.loads(payload)["message"]
+                                input_tokens = _total_input(message["usage"])
+                                output_tokens = message["usage"]["output_tokens"]
+                                yield ReplyStarted(
+                                    model=message.get("model") or self._model,
+                                    usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens),
+                                )
+                            elif name == b"message_delta":
+                                body = json.loads(payload)
+                                stop_reason = body["delta"].get("stop_reason")
+                                output_tokens = body["usage"]["output_tokens"]
+                                if body["usage"].get("input_tokens") is not None:
+                                    input_tokens = _total_input(body["usage"])
+                            elif name == b"message_stop":
+                                stopped = True
+                            elif name == b"error":
+                                raise _stream_error(payload)
+                            # ping, content_block_start/stop, unknown events and frames
+                            # without an event name are dropped, as the SDK drops them.
         except ChatError:
             raise
         except Exception as exc:
@@ -210,6 +223,31 @@ class LlmClient:
         )
 
 
+class SseLines:
+    """Splits an event stream's bytes into lines, without their ends, as they arrive.
+
+    Lines end in CRLF, LF or CR (§2.1). A read that ends in CR has ended its line; an LF
+    at the start of the next read is that CRLF's second half, not a blank line (which
+    would end an event early).
+    """
+
+    __slots__ = ("_after_cr", "_rest")
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._after_cr = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines that ``chunk`` completes; an unfinished last line waits for more."""
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        buffer = self._rest + chunk if self._rest else chunk
+        self._after_cr = buffer.endswith(b"\r")
+        lines = buffer.splitlines(keepends=True)
+        self._rest = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+        return [line.rstrip(b"\r\n") for line in lines]
+
+
 def _total_input(usage: Mapping[str, int | None]) -> int:
     return (
         (usage.get("input_tokens") or 0)
@@ -218,7 +256,7 @@ def _total_input(usage: Mapping[str, int | None]) -> int:
     )
 
 
-def _stream_error(payload: str) -> ChatError:
+def _stream_error(payload: bytes) -> ChatError:
     """A mid-stream ``event: error``: sorted by its type, never by the HTTP 200 (§4)."""
     try:
         error_type = json.loads(payload)["error"]["type"]

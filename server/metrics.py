@@ -50,6 +50,37 @@ class Metrics:
         self.active_streams = Gauge(
             "chatstream_active_streams", "Chat calls streaming a reply right now.", registry=r
         )
+        self.streams_refused = Counter(
+            "chatstream_streams_refused_total",
+            "Streaming calls refused at admission, before any side effect, by cause: server_limit "
+            "(CHATSTREAM_MAX_STREAMS), owner_limit (CHATSTREAM_MAX_STREAMS_PER_OWNER), overload "
+            "(measured load: new Chat calls only).",
+            ["cause"],
+            registry=r,
+        )
+        self.shedding = Gauge(
+            "chatstream_shedding",
+            "1 while this process refuses new Chat calls because of its measured load, else 0.",
+            registry=r,
+        )
+        self.admission_limit = Gauge(
+            "chatstream_admission_limit",
+            "Streams the measured load lets this process hold now: learnt from the load readings "
+            "(grows while calls press against it and the load is fine, drops when overloaded), "
+            "at most CHATSTREAM_MAX_STREAMS.",
+            registry=r,
+        )
+        self.event_loop_lag = Gauge(
+            "chatstream_event_loop_lag_seconds",
+            "How late the event loop runs: the 90th percentile of its lag over the last "
+            "CHATSTREAM_ADMISSION_WINDOW_S.",
+            registry=r,
+        )
+        self.event_loop_cpu = Gauge(
+            "chatstream_event_loop_cpu_ratio",
+            "Share of one core used by the event loop's thread over the last CHATSTREAM_ADMISSION_WINDOW_S.",
+            registry=r,
+        )
         self.turns = Counter(
             "chatstream_turns_total", "Turns ended, by terminal status.", ["status"], registry=r
         )

@@ -41,7 +41,7 @@ from server.domain import (
 )
 from server.errors import ChatError, InternalError, StorageUnavailableError, classify
 from server.leases import TurnLeases
-from server.live import LiveWriter
+from server.live import LiveLog
 from server.llm import LlmClient, ReplyEnded, ReplyStarted
 from server.metrics import Metrics
 from server.publisher import TurnPublisher
@@ -100,10 +100,13 @@ class Producer:
         publisher: TurnPublisher,
         leases: TurnLeases,
         metrics: Metrics,
+        live_log: LiveLog | None,
     ) -> None:
         self._settings = settings
         self._database = database
         self._redis = redis
+        self._live_log = live_log
+        """Where each turn's events go for watchers and resumes; None with the live log off."""
         self._llm = llm
         self._context = context
         self.publisher = publisher
@@ -113,7 +116,7 @@ class Producer:
 
     def start(self, turn: Turn, began: float) -> Production:
         """Starts producing ``turn`` in a task of its own."""
-        production = Production(turn, live_log=self._settings.turns.live_log)
+        production = Production(turn, live_log=self._live_log is not None)
         production.task = asyncio.create_task(self._produce(production, began), name=f"turn {turn.id}")
         self._leases.track(production.task)
         return production
@@ -129,17 +132,13 @@ class Producer:
             await self._end(production, [], ending, lambda item, *, caller=True: None)
             return
         live = None
-        if self._settings.turns.live_log:
-            live = LiveWriter(
-                self._redis,
+        if self._live_log is not None:
+            live = self._live_log.open(
                 conversation_id=turn.conversation_id,
                 turn_id=turn.id,
-                ttl_s=self._settings.turns.live_ttl_s,
-                maxlen=self._settings.turns.live_maxlen,
                 on_cancel=lambda: production.cancel("CANCELLED"),
                 on_written=production.outbox.release,
             )
-            live.start()
 
         def emit(item: Sequenced, *, caller: bool = True) -> None:
             production.seq = item.seq

@@ -132,8 +132,8 @@ class ReadinessMonitor:
 def database_probe(database: Database) -> Probe:
     """Fails while the process's pool cannot hand out a live connection within 2 s.
 
-    The pool pre-pings, so a connection PostgreSQL dropped is replaced, and only a
-    server that refuses or ignores new connections fails the probe. No transaction is
+    A connection PostgreSQL dropped is replaced (``Database.ping`` tries twice), and only
+    a server that refuses or ignores new connections fails the probe. No transaction is
     begun, so the probe never shows up in the transaction log.
     """
 

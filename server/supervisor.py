@@ -23,11 +23,12 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
-from server import runtime
+from server import preflight, runtime
 from server.config import Settings, SettingsError, variable_of
 
 logger = logging.getLogger(__name__)
@@ -89,9 +90,10 @@ def serve_workers(settings: Settings, *, workers: int) -> int:
 def check_settings(settings: Settings, *, workers: int) -> None:
     """Refuses what breaks with several processes, and what every worker would refuse at its start.
 
-    The second part repeats the checks the server makes before it opens anything: failing
-    here once, with the server's own message, beats N workers failing until the supervisor
-    gives up on them.
+    The second part runs the checks the server makes before it opens anything, in a
+    process of its own (``server.preflight``): failing here once, with the server's own
+    message, beats N workers failing until the supervisor gives up on them, and the
+    supervisor stays free of what those checks import (gRPC, the SDK, the crypto stack).
 
     Raises:
         SettingsError: naming the setting.
@@ -111,13 +113,16 @@ def check_settings(settings: Settings, *, workers: int) -> None:
     for index in range(workers):
         metrics_listen(settings.observability.metrics_listen, index)
 
-    from server import tls
-    from server.auth import CredentialVerifier
-    from server.llm import check_model_reachable
-
-    CredentialVerifier(settings)
-    tls.server_credentials(settings.tls)
-    check_model_reachable(settings.llm)
+    # The same environment as the workers', so the same settings.
+    check = subprocess.run(  # noqa: S603 - our own interpreter and module, no input in the command
+        [sys.executable, "-m", preflight.__name__], capture_output=True, text=True, check=False
+    )
+    if check.returncode == preflight.REFUSED:
+        raise SettingsError(check.stderr.strip())
+    if check.returncode != 0:
+        raise RuntimeError(
+            f"the server's start checks failed (exit status {check.returncode}):\n{check.stderr}"
+        )
 
 
 def metrics_listen(base: str, index: int) -> str:

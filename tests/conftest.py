@@ -193,6 +193,11 @@ def settings(services: Services, redis_url: str, fake: FakeAnthropic) -> Setting
         shutdown_grace_s=0.5,
         consumer_name="test-consumer",
         consumer_block_ms=100,
+        # The in-process server shares the test's event loop, so the load it would measure is
+        # the whole test's (clients and fake upstream included): admission by load stays off,
+        # except in tests/test_admission.py, which creates that load on purpose.
+        admission_max_lag_ms=0.0,
+        admission_max_cpu=0.0,
     )
 
 

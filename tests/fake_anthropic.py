@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from server.anthropic_sse import (
     HttpRequest,
     JsonObject,
     LoopbackServer,
+    chunk,
     content_block_start_event,
     content_block_stop_event,
     end_sse_response,
@@ -207,6 +209,9 @@ class Raw:
 
     body: bytes
     content_type: str = "text/event-stream"
+    split_at: Sequence[int] = ()
+    """Byte offsets where the body is cut into separate HTTP chunks, sent a few ms apart so
+    that the client reads them apart; empty sends it whole, with `content-length`."""
 
 
 Script = Stream | Error | StallBeforeHeaders | Raw
@@ -428,8 +433,17 @@ class FakeAnthropic:
                 return True
             case StallBeforeHeaders():
                 return await self._stall(connection)
-            case Raw(body=body, content_type=content_type):
+            case Raw(body=body, content_type=content_type, split_at=()):
                 await write_response(writer, 200, body, content_type=content_type)
+                return True
+            case Raw(body=body, split_at=split_at):
+                await start_sse_response(writer, new_request_id())
+                cuts = [0, *split_at, len(body)]
+                for start, end in itertools.pairwise(cuts):
+                    writer.write(chunk(body[start:end]))
+                    await writer.drain()
+                    await asyncio.sleep(0.005)
+                await end_sse_response(writer)
                 return True
             case _:
                 assert_never(script)

@@ -21,6 +21,8 @@ class CuttingProxy:
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._live: set[asyncio.StreamWriter] = set()
+        self._replies = asyncio.Event()
+        self._replies.set()
 
     @property
     def address(self) -> str:
@@ -41,6 +43,15 @@ class CuttingProxy:
         self._server.close()
         await self._server.wait_closed()
 
+    def hold_replies(self) -> None:
+        """Keeps what the servers send from the clients until ``release_replies``, as a stalled
+        network would; what the clients send still goes through."""
+        self._replies.clear()
+
+    def release_replies(self) -> None:
+        """Forwards what was held, and everything after it."""
+        self._replies.set()
+
     def cut(self) -> None:
         """Resets every connection through the proxy at once (no FIN: the peers see a reset)."""
         for writer in list(self._live):
@@ -59,13 +70,20 @@ class CuttingProxy:
             return
         self._live.update((client_writer, server_writer))
 
-        async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def pump(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event
+        ) -> None:
             with contextlib.suppress(ConnectionError, OSError):
                 while chunk := await reader.read(65536):
+                    await gate.wait()
                     writer.write(chunk)
                     await writer.drain()
             writer.transport.abort()
 
-        await asyncio.gather(pump(client_reader, server_writer), pump(server_reader, client_writer))
+        always = asyncio.Event()
+        always.set()
+        await asyncio.gather(
+            pump(client_reader, server_writer, always), pump(server_reader, client_writer, self._replies)
+        )
         self._live.discard(client_writer)
         self._live.discard(server_writer)

@@ -150,8 +150,9 @@ async def test_chat_survives_a_server_restart_mid_reply(settings: Settings, fake
     """kill -9 of the server mid-reply, a new one on the same port: the terminal goes on.
 
     The SDK resumes the turn with WatchTurn on the new process; the turn's producer died, so
-    once its lease expires the turn ends INTERRUPTED with the partial reply its live log kept,
-    and the next message works.
+    once its lease expires the turn ends INTERRUPTED with the partial reply its live log kept.
+    The SDK then starts the turn again: the terminal says so and prints the new reply on a
+    line of its own, and the next message works.
     """
     address = f"127.0.0.1:{free_port()}"
     env = settings_env(settings, CHATSTREAM_LISTEN=address, CHATSTREAM_TURN_LEASE_S="2")
@@ -167,7 +168,8 @@ async def test_chat_survives_a_server_restart_mid_reply(settings: Settings, fake
             first.kill()
             second = ChatstreamProcess(["serve"], env)
             wait_for_port(address, process=second)
-            await term.expect(r"\[turn INTERRUPTED\]", timeout_s=30)
+            await term.expect(r"\[the server died mid-reply; starting it again\]", timeout_s=30)
+            await term.expect(REPLY)
             await term.expect(PROMPT)
             term.send("Still there?\r")
             await term.expect(REPLY)

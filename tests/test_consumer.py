@@ -159,6 +159,24 @@ async def test_undecodable_entry_goes_to_the_dead_letter_stream_not_silently_ack
     assert await db.fetchval("SELECT count(*) FROM chat.messages") == 2
 
 
+async def test_a_deeply_nested_payload_is_dead_lettered_and_the_consumer_carries_on(
+    client: AsyncChatClient, redis: aioredis.Redis, consume: Consume, db: asyncpg.Connection
+) -> None:
+    """Valid JSON too deep for the parser: poison, not a crash that would come back at every restart."""
+    fields = dict(_V1_ENTRY)
+    fields[b"turn"] = fields[b"turn"].replace(b'"r-1"', b"[" * 5000 + b"]" * 5000)
+    await redis.xadd(turns_stream(2), fields)  # type: ignore[arg-type]
+    await client.chat_reply("good")
+
+    stats = await consume()
+
+    assert stats.dead_lettered == 1
+    dead = cast(StreamEntries, await redis.xrange(DEAD_LETTER_STREAM))
+    assert [f[b"turn"] for _, f in dead] == [fields[b"turn"]]
+    assert b"RecursionError" in dead[0][1][b"dlq_error"]
+    assert await db.fetchval("SELECT count(*) FROM chat.messages") == 2
+
+
 async def test_consumer_trims_only_what_it_has_persisted(
     client: AsyncChatClient, redis: aioredis.Redis, consume: Consume
 ) -> None:
@@ -169,3 +187,51 @@ async def test_consumer_trims_only_what_it_has_persisted(
     assert sum(lengths) <= 4  # at most the last delivered entry per shard survives the trim
     await client.chat_reply("after trim")
     assert sum([await redis.xlen(turns_stream(k)) for k in range(4)]) == sum(lengths) + 1
+
+
+# A stream entry exactly as the first release wrote it (format 1), and the message ids that
+# release gave its messages: a turn published before an upgrade and consumed after it.
+_V1_ENTRY = {
+    b"v": b"1",
+    b"turn": (
+        b'{"id":"5f0c4a2e-8b7d-4c1e-9a3f-2d6b8e1f0a47","conversation_id":"9d4e3b2a-1c0f-4e8d-b7a6-5f4e3d2c1b0a",'
+        b'"owner":"anonymous","seq":1,"request_id":"r-1","user_text":"h\xc3\xa9llo",'
+        b'"assistant_text":"Hello from the fake model.","status":"COMPLETED","stop_reason":"end_turn",'
+        b'"input_tokens":3,"output_tokens":6,"model":"claude-test",'
+        b'"created_at":"2026-12-01T05:00:00.123456+00:00","completed_at":"2026-12-01T05:00:01+00:00"}'
+    ),
+}
+_V1_MESSAGE_IDS = {
+    1: uuid.UUID("43ae5bab-713f-5cf4-806e-b3a04d6725c6"),
+    2: uuid.UUID("da370371-3ba6-53e7-81c7-91d4f5f73b3d"),
+}
+
+
+async def test_an_entry_of_the_first_release_is_persisted_with_the_ids_that_release_gave(
+    redis: aioredis.Redis, consume: Consume, db: asyncpg.Connection
+) -> None:
+    conversation = uuid.UUID("9d4e3b2a-1c0f-4e8d-b7a6-5f4e3d2c1b0a")
+    turn = uuid.UUID("5f0c4a2e-8b7d-4c1e-9a3f-2d6b8e1f0a47")
+    await db.execute(
+        "INSERT INTO chat.conversations (id, owner, turn_count) VALUES ($1, 'anonymous', 1)", conversation
+    )
+    await db.execute(
+        "INSERT INTO chat.turns (id, conversation_id, owner, seq, user_text, assistant_text, status, model)"
+        " VALUES ($1, $2, 'anonymous', 1, 'héllo', 'Hello from the fake model.', 'COMPLETED', 'claude-test')",
+        turn,
+        conversation,
+    )
+    await redis.xadd(turns_stream(0), _V1_ENTRY)  # type: ignore[arg-type]
+    # Delivered twice, as around a deploy: the second delivery writes nothing.
+    await redis.xadd(turns_stream(1), _V1_ENTRY)  # type: ignore[arg-type]
+
+    stats = await consume()
+
+    assert (stats.entries, stats.messages_inserted, stats.dead_lettered) == (2, 2, 0)
+    rows = await db.fetch("SELECT id, role, text, turn_seq, turn_status, created_at FROM chat.messages")
+    assert {r["role"]: r["id"] for r in rows} == _V1_MESSAGE_IDS
+    assert {r["role"]: r["text"] for r in rows} == {1: "héllo", 2: "Hello from the fake model."}
+    assert {(r["turn_seq"], r["turn_status"]) for r in rows} == {(1, "COMPLETED")}
+    assert {r["created_at"].isoformat() for r in rows} == {"2026-12-01T05:00:00.123456+00:00"}
+    assert await db.fetchval("SELECT persisted_at IS NOT NULL FROM chat.turns") is True
+    assert await db.fetchval("SELECT message_count FROM chat.conversations") == 2

@@ -27,10 +27,12 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
 from server.app import SERVICE_NAME, ChatServer
 from server.auth import CredentialVerifier
 from server.config import Settings
+from server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -155,7 +157,10 @@ def test_first_apply_phase_selects_only_config_and_the_migration(manifests: list
 def test_server_probes_ask_the_grpc_health_service(manifests: list[Manifest]) -> None:
     server = _container(manifests, "Deployment", "chatstream-server")
     port = _listen_port(_config(manifests)["CHATSTREAM_LISTEN"])
-    assert [p["containerPort"] for p in server["ports"]] == [port]
+    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {
+        "grpc": port,
+        "metrics": _listen_port(_config(manifests)["CHATSTREAM_METRICS_LISTEN"]),
+    }
     assert server["readinessProbe"]["grpc"] == {"port": port, "service": SERVICE_NAME}
     assert server["livenessProbe"]["grpc"] == {"port": port, "service": ""}
     assert server["startupProbe"]["grpc"] == {"port": port, "service": ""}
@@ -239,20 +244,145 @@ def test_services_and_budgets_select_the_right_pods(manifests: list[Manifest]) -
         assert service["spec"]["selector"].items() <= server_labels.items()
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in named_ports
+    budgets = [m for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    assert {b["metadata"]["name"] for b in budgets} == {"chatstream-server", "chatstream-consumer"}
     for name in ("chatstream-server", "chatstream-consumer"):
         budget = _one(manifests, "PodDisruptionBudget", name)
         assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels(name).items()
-    assert _one(manifests, "Deployment", "chatstream-server")["spec"]["replicas"] > 1
+        # Counted as pods that may be down, so that a drain never takes a scaled-out fleet
+        # down to its last pod (pdb.yaml).
+        assert budget["spec"] == {"maxUnavailable": 1, "selector": budget["spec"]["selector"]}, name
 
 
-def test_consumer_has_no_port_and_a_unique_name_per_pod(manifests: list[Manifest]) -> None:
+def test_consumer_has_no_probes_a_metrics_port_only_and_a_unique_name_per_pod(
+    manifests: list[Manifest],
+) -> None:
     consumer = _container(manifests, "Deployment", "chatstream-consumer")
     assert consumer["args"] == ["consume"]
-    assert "ports" not in consumer
+    metrics_port = _listen_port(_config(manifests)["CHATSTREAM_METRICS_LISTEN"])
+    assert consumer["ports"] == [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}]
     assert not {"livenessProbe", "readinessProbe", "startupProbe"} & set(consumer)
     names = {var["name"]: var for var in consumer["env"]}
     assert names["CHATSTREAM_CONSUMER_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert "ANTHROPIC_API_KEY" not in names, "only the server talks to the model"
+
+
+def test_server_and_consumer_serve_their_metrics_where_prometheus_looks(manifests: list[Manifest]) -> None:
+    listen = _config(manifests)["CHATSTREAM_METRICS_LISTEN"]
+    settings = Settings.from_env({**_config(manifests), **_secret_template()})
+    assert settings.observability.metrics_listen == listen
+    assert listen.rsplit(":", 1)[0] == "0.0.0.0", "reachable from Prometheus, not only from the pod"
+    port = _listen_port(listen)
+    for name in ("chatstream-server", "chatstream-consumer"):
+        template = _one(manifests, "Deployment", name)["spec"]["template"]
+        ports = {p["name"]: p["containerPort"] for p in _container(manifests, "Deployment", name)["ports"]}
+        assert ports["metrics"] == port, name
+        assert template["metadata"]["annotations"] == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port),
+            "prometheus.io/path": "/metrics",
+        }, name
+
+
+def _exported_metrics() -> dict[str, tuple[str, str]]:
+    """Each metric chatstream exports: its Prometheus name -> (type, attribute of `Metrics`)."""
+    exported: dict[str, tuple[str, str]] = {}
+    for attribute, collector in vars(Metrics()).items():
+        if isinstance(collector, MetricWrapperBase):
+            for family in collector.describe():
+                exported[family.name] = (family.type, attribute)
+    return exported
+
+
+def _sets_metric(attribute: str, sources: list[Path]) -> bool:
+    """Whether any of ``sources`` updates ``Metrics.<attribute>`` (``metrics.x.inc()``, ``.set(``...)."""
+    pattern = re.compile(rf"metrics\.{attribute}\b(?:\.labels\([^)]*\))?\.(?:inc|dec|set)\(")
+    return any(pattern.search(path.read_text()) for path in sources)
+
+
+def _autoscalers(manifests: list[Manifest]) -> dict[str, Manifest]:
+    found = {
+        m["spec"]["scaleTargetRef"]["name"]: m for m in manifests if m["kind"] == "HorizontalPodAutoscaler"
+    }
+    assert set(found) == {"chatstream-server", "chatstream-consumer"}
+    return found
+
+
+def test_autoscalers_scale_the_deployments_on_gauges_their_processes_set(manifests: list[Manifest]) -> None:
+    exported = _exported_metrics()
+    consumer_sources = sorted((ROOT / "server" / "consumer").glob("*.py"))
+    server_sources = sorted(p for p in (ROOT / "server").glob("*.py"))
+    expected = {
+        "chatstream-server": ("Pods", "pods", server_sources),
+        "chatstream-consumer": ("External", "external", consumer_sources),
+    }
+    for deployment, hpa in _autoscalers(manifests).items():
+        target = _one(manifests, "Deployment", deployment)
+        ref = hpa["spec"]["scaleTargetRef"]
+        assert (ref["apiVersion"], ref["kind"]) == (target["apiVersion"], target["kind"])
+        # The same component label: the first apply phase (docs/deployment.md) leaves it out.
+        assert hpa["metadata"]["labels"] == target["metadata"]["labels"]
+        # The autoscaler owns the replica count; a value in the Deployment would reset it on apply.
+        assert "replicas" not in target["spec"], deployment
+        assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        kind, key, sources = expected[deployment]
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["type"] == kind
+        name = metric[key]["metric"]["name"]
+        assert name in exported, f"{name} is not in server/metrics.py"
+        metric_type, attribute = exported[name]
+        # A level, averaged over pods or summed over shards: never a counter.
+        assert metric_type == "gauge", name
+        assert _sets_metric(attribute, sources), f"the {deployment} process never sets {name}"
+        assert metric[key]["target"]["type"] == "AverageValue"
+        assert float(metric[key]["target"]["averageValue"]) > 0
+
+
+def test_server_autoscaler_scales_in_one_draining_pod_at_a_time(manifests: list[Manifest]) -> None:
+    scale_down = _autoscalers(manifests)["chatstream-server"]["spec"]["behavior"]["scaleDown"]
+    pod = _one(manifests, "Deployment", "chatstream-server")["spec"]["template"]["spec"]
+    assert scale_down["stabilizationWindowSeconds"] > 0
+    for policy in scale_down["policies"]:
+        assert (policy["type"], policy["value"]) == ("Pods", 1)
+        # The previous pod has finished stopping before the next one is asked to.
+        assert policy["periodSeconds"] > pod["terminationGracePeriodSeconds"]
+
+
+def test_autoscaler_maxima_fit_the_documented_connection_budget(manifests: list[Manifest]) -> None:
+    settings = Settings.from_env({**_config(manifests), **_secret_template()})
+    hpas = _autoscalers(manifests)
+    surge = _one(manifests, "Deployment", "chatstream-server")["spec"]["strategy"]["rollingUpdate"][
+        "maxSurge"
+    ]
+    servers = hpas["chatstream-server"]["spec"]["maxReplicas"] + surge
+    consumers = hpas["chatstream-consumer"]["spec"]["maxReplicas"]
+    pool = settings.database.db_pool_size
+    text = (K8S / "autoscaling.yaml").read_text()
+    # The comment that tells operators how to size max_connections must keep up with the maxima.
+    stated = f"({servers - surge} + {surge} + {consumers}) x {pool} + 1 = {(servers + consumers) * pool + 1}"
+    assert stated in text, f"autoscaling.yaml should say {stated}"
+
+
+def test_prometheus_adapter_rules_serve_the_autoscalers_metrics(manifests: list[Manifest]) -> None:
+    values = yaml.safe_load((ROOT / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
+    rules = values["rules"]
+    served = {
+        "Pods": {rule["name"]["as"]: rule for rule in rules["custom"]},
+        "External": {rule["name"]["as"]: rule for rule in rules["external"]},
+    }
+    for hpa in _autoscalers(manifests).values():
+        (metric,) = hpa["spec"]["metrics"]
+        key = metric["type"].lower()
+        name = metric[key]["metric"]["name"]
+        rule = served[metric["type"]].get(name)
+        assert rule is not None, f"no adapter rule serves {metric['type']} metric {name}"
+        assert rule["seriesQuery"].startswith(name + "{"), name
+        assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
+        if metric["type"] == "Pods":
+            assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    # Every consumer reports every shard: the rule must not add the copies up.
+    (lag,) = rules["external"]
+    assert lag["metricsQuery"].startswith("max by (namespace, shard)")
 
 
 def test_migration_job_runs_migrate_without_restarting_in_place(manifests: list[Manifest]) -> None:

@@ -11,6 +11,7 @@ from server.auth import CredentialVerifier
 from server.config import AuthMode, Settings
 from server.edge import EdgeInterceptor
 from server.limits import StreamLimiter
+from server.metrics import Metrics
 
 
 async def _upload(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -23,8 +24,9 @@ async def test_a_request_streaming_method_of_a_protected_service_is_refused_not_
     )
     edge = EdgeInterceptor(
         verifier=verifier,
-        limiter=StreamLimiter(max_streams=10, max_per_owner=10),
+        limiter=StreamLimiter(max_streams=10, max_per_owner=10, metrics=Metrics()),
         public_services=(),
+        sheddable_methods=(),
         max_metadata_bytes=8192,
     )
     server = grpc.aio.server(interceptors=[edge])

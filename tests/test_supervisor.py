@@ -9,9 +9,13 @@ which the kernel hands to either worker.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
+import sysconfig
 import urllib.request
 from pathlib import Path
 
@@ -119,6 +123,65 @@ class _Workers:
         return [await _completed_turns(port) for port in self.metrics_ports]
 
 
+# What a serving process needs and the supervisor, which lives as long as its workers, must
+# not carry (issue 13: its memory): found by the supervisor's module names and, in the
+# running supervisor, by the extension modules it has mapped.
+_WORKERS_ONLY = frozenset(
+    {
+        "aiohttp",
+        "anthropic",
+        "asyncpg",
+        "chatstream",
+        "cryptography",
+        "google",
+        "grpc",
+        "hiredis",
+        "httpx2",
+        "jwt",
+        "msgspec",
+        "opentelemetry",
+        "prometheus_client",
+        "pydantic",
+        "pydantic_core",
+        "redis",
+        "sqlalchemy",
+    }
+)
+_SUPERVISOR_IMPORTS = """
+import json, sys
+sys.argv = ["chatstream", "serve", "--workers", "2"]
+from server.__main__ import cli
+from server.config import Settings
+from server.supervisor import Supervisor, check_settings
+check_settings(Settings.from_env(), workers=2)
+Supervisor(["true"], [{}, {}])
+print(json.dumps(sorted({name.partition(".")[0] for name in sys.modules})))
+"""
+
+
+def _site_packages_mapped(pid: int) -> set[str]:
+    """The top-level packages of site-packages whose extension modules process ``pid`` has mapped."""
+    site = sysconfig.get_paths()["purelib"] + "/"
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        path = line.split(maxsplit=5)[-1]
+        if path.startswith(site):
+            found.add(path.removeprefix(site).split("/")[0].split(".")[0])
+    return found
+
+
+async def test_the_supervisor_imports_nothing_only_its_workers_need(settings: Settings) -> None:
+    """It runs the server's start checks in a child, and imports neither gRPC, nor the stores, nor the SDK."""
+    env = settings_env(settings, CHATSTREAM_LISTEN=f"127.0.0.1:{free_port()}")
+    result = subprocess.run(
+        [sys.executable, "-c", _SUPERVISOR_IMPORTS], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    imported = set(json.loads(result.stdout))
+    assert {"server", "click", "uvloop"} <= imported
+    assert not imported & _WORKERS_ONLY
+
+
 async def test_two_workers_serve_on_one_port_and_sigterm_stops_them_all_with_exit_0(
     settings: Settings,
 ) -> None:
@@ -126,6 +189,9 @@ async def test_two_workers_serve_on_one_port_and_sigterm_stops_them_all_with_exi
     try:
         pids = workers.wait_serving()
         chats = await workers.chat_until_every_worker_served()
+        # The running supervisor too, after its workers started and served.
+        assert _site_packages_mapped(workers.process.pid) <= {"uvloop"}
+        assert {"grpc", "pydantic_core"} <= set.union(*(_site_packages_mapped(pid) for pid in pids))
 
         async def every_turn_counted_once() -> bool:
             return sum(await workers.completed_turns()) == chats

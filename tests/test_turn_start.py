@@ -11,8 +11,9 @@ from datetime import timedelta
 import asyncpg
 import grpc
 import pytest
-from chatstream import AsyncChatClient, ChatClientError, TurnStatus
+from chatstream import AsyncChatClient, ChatClientError, RetryPolicy, TurnStatus
 
+from server.app import ChatServer
 from server.config import Settings
 from server.db import turn_store
 from server.db.engine import Database
@@ -167,11 +168,13 @@ async def _dead_turn(db: asyncpg.Connection, *, request_id: str | None) -> tuple
 
 
 async def test_chat_retried_after_its_producer_died_replays_the_interrupted_turn(
-    client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection
+    client: AsyncChatClient, server: ChatServer, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
     """The old turn ends INTERRUPTED at once, not at the next sweep, and the retry replays it."""
     conversation_id, turn_id = await _dead_turn(db, request_id="dead-key")
-    events = [e async for e in client.chat("hello", request_id="dead-key")]
+    # Without restarts: the SDK would start an INTERRUPTED turn again (tests/test_sdk_fleet.py).
+    async with AsyncChatClient(server.address, retry_policy=RetryPolicy(max_restarts=0)) as replaying:
+        events = [e async for e in replaying.chat("hello", request_id="dead-key")]
     assert events[0].started.replay
     assert events[-1].completed.status == TurnStatus.TURN_STATUS_INTERRUPTED
     assert await db.fetchval("SELECT status FROM chat.turns WHERE id = $1", turn_id) == "INTERRUPTED"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from datetime import timedelta
 
@@ -12,9 +13,17 @@ import grpc
 import pytest
 from chatstream import AsyncChatClient, ChatClientError, TurnEvent
 
+from server.anthropic_sse import (
+    message_delta_event,
+    message_start_event,
+    message_stop_event,
+    sse_frame,
+    text_delta_event,
+)
 from server.app import ChatServer
 from tests.conftest import Consume, StartServer, eventually
-from tests.fake_anthropic import Error, FakeAnthropic, Raw, Script, Stream
+from tests.fake_anthropic import Error, FakeAnthropic, Raw, Script, StallBeforeHeaders, Stream
+from tests.proxy import CuttingProxy
 
 
 async def _turn_row(db: asyncpg.Connection) -> asyncpg.Record:
@@ -117,6 +126,57 @@ async def test_upstream_failure_ends_the_turn_failed_with_partial_text_and_a_cle
     assert [tuple(r) for r in statuses] == [(1, "FAILED", "hi"), (2, "FAILED", partial)]
 
 
+async def test_a_caller_that_leaves_before_its_turn_is_named_still_ends_it_cancelled(
+    start_server: StartServer, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """The SDK asks the server to keep a turn going without its connection (so that it can
+    resume); a caller that leaves before TurnStarted arrived must still stop that turn."""
+    server = await start_server()
+    fake.script(StallBeforeHeaders())
+    async with CuttingProxy([server.address]) as proxy, AsyncChatClient(proxy.address) as client:
+        await client.create_conversation()  # the connection is up before the replies are held
+        proxy.hold_replies()
+        task = asyncio.create_task(client.chat_reply("never answered"))
+        await fake.wait_for_requests(1, timeout=5)
+        task.cancel()
+        proxy.release_replies()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+        async def recorded() -> bool:
+            row = await db.fetchrow("SELECT status, assistant_text FROM chat.turns")
+            return row is not None and tuple(row) == ("CANCELLED", "")
+
+        await eventually(recorded, what="the turn to be CANCELLED")
+    assert await db.fetchval("SELECT count(*) FROM chat.turns") == 1
+
+
+async def test_any_line_ending_and_any_read_boundary_give_the_same_reply(
+    client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """SSE lines may end in CRLF, LF or CR (§2.1), and reads may cut anywhere: inside a
+    line, between a CR and its LF, inside a UTF-8 character."""
+    frames = [
+        sse_frame("message_start", message_start_event(model="claude-x", input_tokens=3)),
+        # As the API sends it: UTF-8, not \\u escapes.
+        b"event: content_block_delta\ndata: %s\n\n"
+        % json.dumps(text_delta_event("héllo"), ensure_ascii=False).encode(),
+        sse_frame("content_block_delta", text_delta_event(" wörld")),
+        sse_frame("message_delta", message_delta_event(stop_reason="end_turn", output_tokens=2)),
+        sse_frame("message_stop", message_stop_event()),
+    ]
+    for ending in (b"\r\n", b"\r"):
+        body = b"".join(frames).replace(b"\n", ending)
+        # Every cut after the first frame's CR, and one in the middle of "é" (0xC3 0xA9).
+        cuts = [i + 1 for i in range(len(body)) if body[i : i + 1] == b"\r"]
+        cuts.append(body.index("é".encode()) + 1)
+        fake.script(Raw(body, split_at=sorted(set(cuts))))
+        reply = await client.chat_reply("hi")
+        assert reply.text == "héllo wörld"
+    rows = await db.fetch("SELECT status, assistant_text FROM chat.turns")
+    assert [tuple(r) for r in rows] == [("COMPLETED", "héllo wörld")] * 2
+
+
 async def test_overloaded_upstream_is_retried_by_the_sdk_before_the_first_token(
     start_server: StartServer, fake: FakeAnthropic
 ) -> None:
@@ -195,8 +255,6 @@ async def test_turn_recording_survives_the_caller_going_away_during_the_model_wa
     client: AsyncChatClient, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
     """Cancelled before any token: the turn still ends in exactly one terminal status."""
-    from tests.fake_anthropic import StallBeforeHeaders
-
     fake.script(StallBeforeHeaders())
     task = asyncio.create_task(client.chat_reply("never answered"))
     await fake.wait_for_requests(1, timeout=5)

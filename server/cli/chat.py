@@ -64,6 +64,11 @@ class ChatSession:
             try:
                 for event in events:
                     match event.WhichOneof("kind"):
+                        case "started" if written:
+                            # The SDK started the turn again after its server died: what is
+                            # printed was the interrupted turn's, and the reply starts over.
+                            click.echo(file=self._out)
+                            click.echo("[the server died mid-reply; starting it again]", file=self._err)
                         case "text_delta":
                             click.echo(event.text_delta.text, nl=False, file=self._out)  # flushes
                             written = True

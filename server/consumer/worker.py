@@ -34,11 +34,10 @@ from server.config import ConsumerSettings
 from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
 from server.db import message_store
 from server.db.engine import Database
-from server.domain import Turn
 from server.errors import is_database_outage
 from server.metrics import Metrics
 from server.redis_client import REDIS_OUTAGES
-from server.turn_codec import EventDecodeError, decode_turn, encode_turn
+from server.turn_codec import EventDecodeError, TurnColumns
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +279,10 @@ class _Shard:
 
     async def _process(self, entries: Sequence[Entry]) -> bool:
         """Persists and acks a batch; returns True if some entries stay pending for a retry."""
-        decoded: list[tuple[bytes, Turn]] = []
+        # Decoded straight into the statement's columns; ``decoded`` keeps each row's entry
+        # (id and fields as received) for the one-by-one retry and the dead-letter stream.
+        columns = TurnColumns()
+        decoded: list[tuple[bytes, Mapping[bytes, bytes]]] = []
         poison: list[tuple[bytes, Mapping[bytes, bytes], str]] = []
         for entry_id, fields in entries:
             if not fields:
@@ -289,15 +291,17 @@ class _Shard:
                 poison.append((entry_id, {}, "entry no longer exists (deleted while pending)"))
                 continue
             try:
-                decoded.append((entry_id, decode_turn(fields)))
+                columns.append(fields)
             except EventDecodeError as exc:
                 poison.append((entry_id, fields, str(exc)))
+            else:
+                decoded.append((entry_id, fields))
 
         acked = [entry_id for entry_id, _ in entries]
         retry: set[bytes] = set()
         if decoded:
             try:
-                await self._insert([turn for _, turn in decoded])
+                await self._insert(columns)
             except _OutageError:
                 raise
             except Exception:
@@ -318,10 +322,10 @@ class _Shard:
             await self.w.sleep(_RETRY_DELAY_S)
         return bool(retry)
 
-    async def _insert(self, turns: list[Turn]) -> None:
+    async def _insert(self, columns: TurnColumns) -> None:
         began = time.monotonic()
         try:
-            inserted = await message_store.insert_messages(self.w._database, turns)
+            inserted = await message_store.insert_messages(self.w._database, columns)
             self.w.stats.messages_inserted += inserted
             self.w.metrics.messages_persisted.inc(inserted)
             self.w.metrics.unit_of_work.labels("persist").observe(time.monotonic() - began)
@@ -331,19 +335,23 @@ class _Shard:
             raise
 
     async def _isolate(
-        self, decoded: list[tuple[bytes, Turn]], poison: list[tuple[bytes, Mapping[bytes, bytes], str]]
+        self,
+        decoded: list[tuple[bytes, Mapping[bytes, bytes]]],
+        poison: list[tuple[bytes, Mapping[bytes, bytes], str]],
     ) -> set[bytes]:
         """Inserts entries one at a time to find the one that fails; returns ids to retry later."""
         retry: set[bytes] = set()
-        for entry_id, turn in decoded:
+        for entry_id, fields in decoded:
+            one = TurnColumns()
+            one.append(fields)  # decoded once already: decoding is deterministic
             try:
-                await self._insert([turn])
+                await self._insert(one)
             except _OutageError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any other failure is this entry's own
                 deliveries = await self._deliveries(entry_id)
                 if deliveries >= self.w._max_deliveries:
-                    poison.append((entry_id, encode_turn(turn), f"{exc.__class__.__name__}: {exc}"[:500]))
+                    poison.append((entry_id, fields, f"{exc.__class__.__name__}: {exc}"[:500]))
                 else:
                     retry.add(entry_id)
         return retry

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Final
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -38,9 +39,14 @@ def create_engine(settings: DatabaseSettings, *, application_name: str = "chatst
     It is the process's only pool, so ``db_pool_size`` is the process's whole claim on
     PostgreSQL's connections; a call that finds every connection busy waits up to
     ``pool_timeout``. Every unit of work is short (most are one round trip), so a small
-    pool serves many streams. ``pool_pre_ping`` lets the pool recover after PostgreSQL
-    restarts instead of handing out dead connections; it costs one trivial round trip per
-    checkout (measured in docs/benchmarks.md).
+    pool serves many streams.
+
+    No ``pool_pre_ping``: it doubled the round trips of every single-statement unit of
+    work (5 % of the server's samples in P4, docs/benchmarks.md). After PostgreSQL
+    restarts, the first statement on a dead connection fails as an outage (callers already
+    ride those out: UNAVAILABLE with RetryInfo, unit of work 2's retries, the consumer's
+    back-off), and SQLAlchemy then invalidates the whole pool, so the next checkout
+    connects afresh.
     """
     size = settings.db_pool_size
     # Looked up at call time: OpenTelemetry's SQLAlchemy instrumentation wraps the module
@@ -50,7 +56,6 @@ def create_engine(settings: DatabaseSettings, *, application_name: str = "chatst
         pool_size=size,
         max_overflow=0,
         pool_timeout=_POOL_TIMEOUT_S,
-        pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={"server_settings": {"application_name": application_name}},
     )
@@ -79,9 +84,19 @@ class Database:
         )
 
     async def ping(self) -> None:
-        """Checks out a connection, which the pool pre-pings, and returns it; raises if PostgreSQL is away."""
-        async with self.engine.connect():
-            pass
+        """One trivial statement on a pooled connection; raises if PostgreSQL is away.
+
+        A connection that died with a PostgreSQL restart fails once and invalidates the
+        pool; the second try then connects afresh, so only a server that is really away fails.
+        """
+        for attempt in (1, 2):
+            try:
+                async with self._autocommit.connect() as conn:
+                    await conn.exec_driver_sql("SELECT 1")
+                return
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
 
     async def dispose(self) -> None:
         """Closes every pooled connection."""

@@ -2,36 +2,39 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
 from sqlalchemy import text
 
 from server.db.engine import Database
-from server.domain import Role, Turn
-
-# The same message (turn, role) always gets the same id, so its resource name is
-# stable whichever of several redundant deliveries wins the insert.
-_MESSAGE_ID_NAMESPACE: Final = uuid.UUID("0b8f7d4e-3c1a-4f55-9a43-7d1c2a9e6b10")
+from server.turn_codec import TurnColumns
 
 # The consumer's batch: the messages of ended turns, the conversations' counters grown
 # by what was really inserted, and the turns marked persisted, in one statement.
+# - The arrays hold one element per turn; each turn becomes its user and its assistant
+#   row here (the LATERAL VALUES), so the driver encodes the shared columns once per turn.
 # - ON CONFLICT skips messages a redelivery already wrote (idempotent, I2), and the
 #   EXISTS skips turns whose conversation was deleted meanwhile.
 # - The counters' rows are locked in id order (the FOR UPDATE subquery sorts before it
 #   locks), so two consumers whose batches share conversations cannot deadlock.
 _PERSIST_BATCH: Final = text("""
-WITH m AS (
+WITH t AS (
+    SELECT * FROM unnest(
+        CAST(:turn_ids AS uuid[]), CAST(:conversation_ids AS uuid[]), CAST(:seqs AS int[]),
+        CAST(:statuses AS text[]), CAST(:created AS timestamptz[]),
+        CAST(:user_message_ids AS uuid[]), CAST(:user_texts AS text[]),
+        CAST(:assistant_message_ids AS uuid[]), CAST(:assistant_texts AS text[])
+    ) AS t(turn_id, conversation_id, seq, status, created_at,
+           user_message_id, user_text, assistant_message_id, assistant_text)
+    WHERE EXISTS (SELECT 1 FROM chat.turns x WHERE x.id = t.turn_id)
+), m AS (
     INSERT INTO chat.messages
         (id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)
-    SELECT m.id, m.conversation_id, m.turn_id, m.turn_seq, m.role, m.text, m.turn_status, m.created_at
-    FROM unnest(
-        CAST(:ids AS uuid[]), CAST(:conversation_ids AS uuid[]), CAST(:turn_ids AS uuid[]),
-        CAST(:seqs AS int[]), CAST(:roles AS smallint[]), CAST(:texts AS text[]),
-        CAST(:statuses AS text[]), CAST(:created AS timestamptz[])
-    ) AS m(id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)
-    WHERE EXISTS (SELECT 1 FROM chat.turns t WHERE t.id = m.turn_id)
+    SELECT r.id, t.conversation_id, t.turn_id, t.seq, r.role, r.text, t.status, t.created_at
+    FROM t CROSS JOIN LATERAL (VALUES
+        (t.user_message_id, 1::smallint, t.user_text),
+        (t.assistant_message_id, 2::smallint, t.assistant_text)
+    ) AS r(id, role, text)
     ON CONFLICT (turn_id, role) DO NOTHING
     RETURNING conversation_id
 ), n AS (
@@ -46,18 +49,13 @@ WITH m AS (
     WHERE c.id = l.id
 ), persisted AS (
     UPDATE chat.turns SET persisted_at = now()
-    WHERE id = ANY(CAST(:unique_turns AS uuid[])) AND persisted_at IS NULL
+    WHERE id = ANY(CAST(:turn_ids AS uuid[])) AND persisted_at IS NULL
 )
 SELECT coalesce(sum(n), 0)::int FROM n
 """)
 
 
-def message_id(turn_id: uuid.UUID, role: Role) -> uuid.UUID:
-    """The deterministic id of one message of a turn."""
-    return uuid.uuid5(_MESSAGE_ID_NAMESPACE, f"{turn_id}/{role.value}")
-
-
-async def insert_messages(database: Database, turns: Sequence[Turn]) -> int:
+async def insert_messages(database: Database, turns: TurnColumns) -> int:
     """Persists the user and assistant messages of ended turns in one statement; returns rows inserted.
 
     Idempotent: (turn_id, role) is unique and conflicts are skipped, so redelivered
@@ -67,21 +65,7 @@ async def insert_messages(database: Database, turns: Sequence[Turn]) -> int:
     """
     if not turns:
         return 0
-    columns: dict[str, list[Any]] = {
-        name: []
-        for name in ("ids", "conversation_ids", "turn_ids", "seqs", "roles", "texts", "statuses", "created")
-    }
-    for turn in turns:
-        for role, body in ((Role.USER, turn.user_text), (Role.ASSISTANT, turn.assistant_text)):
-            columns["ids"].append(message_id(turn.id, role))
-            columns["conversation_ids"].append(turn.conversation_id)
-            columns["turn_ids"].append(turn.id)
-            columns["seqs"].append(turn.seq)
-            columns["roles"].append(role.value)
-            columns["texts"].append(body)
-            columns["statuses"].append(turn.status.value)
-            columns["created"].append(turn.created_at)
-    unique_turns = list({turn.id: None for turn in turns})
+    parameters = {name: getattr(turns, name) for name in TurnColumns.__slots__}
     async with database.autocommit("persist batch") as conn:
-        inserted = await conn.scalar(_PERSIST_BATCH, {**columns, "unique_turns": unique_turns})
+        inserted = await conn.scalar(_PERSIST_BATCH, parameters)
     return int(inserted or 0)

@@ -1,8 +1,10 @@
-"""What the sync and async clients share: channel options, requests, retry timing, reply assembly."""
+"""What the sync and async clients share: targets, channel options, requests, retry timing, reply assembly."""
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import ipaddress
 import json
 import random
 import time
@@ -24,8 +26,13 @@ SERVICE_NAME: Final = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"
 # caller (Create is idempotent through request_id, Delete reports NOT_FOUND the second time).
 _RETRIED_READS: Final = ("GetConversation", "ListConversations", "ListMessages")
 
+# round_robin: a target that resolves to several servers (a list of addresses, a DNS name with
+# several records, a headless Kubernetes Service) gets a connection to each, and calls take
+# turns over the ready ones. With one address it is the same as gRPC's default, pick_first;
+# an address that does not answer (say ::1 of localhost) only gets reconnects in the background.
 SERVICE_CONFIG: Final = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{"service": SERVICE_NAME, "method": method} for method in _RETRIED_READS],
@@ -37,18 +44,20 @@ SERVICE_CONFIG: Final = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
-    """How `chat` retries a call that failed with UNAVAILABLE before its first event.
+    """How `chat` retries a call that failed with UNAVAILABLE before its first event, resumes
+    a turn whose connection dropped, and restarts a turn whose server died.
 
     A retry reuses the call's `request_id`, so the server never runs the model twice for it.
     Once an event has arrived the call is never retried: the caller has already seen part
-    of the turn.
+    of the turn, so it is resumed (`resume_window`), or, once the turn ended INTERRUPTED,
+    started again as a new turn (`max_restarts`).
     """
 
     max_attempts: int = 4
@@ -62,10 +71,16 @@ class RetryPolicy:
     resume_window: timedelta = timedelta(seconds=30)
     """How long a stream whose turn is known keeps trying to resume after its connection
     failed (a server restarting, a failover), waiting at most `max_backoff` between tries."""
+    max_restarts: int = 1
+    """How many times one `chat` call starts its turn again after the server producing it
+    died (the turn ended INTERRUPTED); 0 never does. Each restart runs the model again, and a
+    request that kills its server would take down one more replica per restart, hence 1."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be at least 0, got {self.max_restarts}")
         if self.backoff_multiplier < 1:
             raise ValueError(f"backoff_multiplier must be at least 1, got {self.backoff_multiplier}")
 
@@ -102,25 +117,34 @@ class ChatReply:
     replay: bool
     """True when the server replayed a turn already stored for this `request_id`."""
     events: int
-    """How many events the stream carried."""
+    """How many events the stream carried (those of restarted turns included)."""
+    restarts: int = 0
+    """How many times the turn was started again because the server producing it died; the
+    other fields, `text` included, are those of the last turn only."""
 
 
 class ReplyBuilder:
-    """Folds the events of one turn into a `ChatReply`."""
+    """Folds the events of one `chat` call into a `ChatReply`: those after its last `started`."""
 
-    __slots__ = ("_completed", "_events", "_started", "_text")
+    __slots__ = ("_completed", "_events", "_restarts", "_started", "_text")
 
     def __init__(self) -> None:
         self._started: chat_service_pb2.TurnStarted | None = None
         self._completed: chat_service_pb2.TurnCompleted | None = None
         self._text: list[str] = []
         self._events = 0
+        self._restarts = 0
 
     def add(self, event: chat_service_pb2.TurnEvent) -> None:
         """Takes the next event of the stream."""
         self._events += 1
         match event.WhichOneof("kind"):
             case "started":
+                if self._started is not None:
+                    # A restart (see `chat`): the text so far belongs to the interrupted turn.
+                    self._restarts += 1
+                    self._text.clear()
+                    self._completed = None
                 self._started = event.started
             case "text_delta":
                 self._text.append(event.text_delta.text)
@@ -151,6 +175,7 @@ class ReplyBuilder:
             model=self._completed.model,
             replay=self._started.replay,
             events=self._events,
+            restarts=self._restarts,
         )
 
 
@@ -212,6 +237,48 @@ def check_open(state: ClientState) -> None:
         raise RuntimeError("this chatstream client is closed")
 
 
+def channel_target(target: str | Sequence[str]) -> str:
+    """The gRPC target of one server address, of a gRPC target string, or of several addresses.
+
+    A string is gRPC's own: `host:port`, `dns:///host:port` (every record of the name),
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`, `unix:/path`. A sequence of one address is that
+    address. Several addresses must be IP addresses with their port, all IPv4 or all IPv6
+    (`[fd00::1]:50051`): gRPC resolves a list of names only as one DNS name.
+
+    Raises:
+        ValueError: An empty sequence, or several addresses that are not all IPv4 or all IPv6.
+    """
+    if isinstance(target, str):
+        return target
+    addresses = list(target)
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    parsed = [_ip_with_port(address) for address in addresses]
+    versions = {ip.version for ip in parsed if ip is not None}
+    if None in parsed or len(versions) != 1:
+        raise ValueError(
+            "several server addresses must be IP addresses with a port, all IPv4 or all IPv6 "
+            "(10.0.0.1:50051, [fd00::1]:50051); for host names give one DNS name that has a "
+            f"record per server, e.g. 'dns:///chat.internal:50051'; got {addresses!r}"
+        )
+    return f"ipv{versions.pop()}:{','.join(addresses)}"
+
+
+def _ip_with_port(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        return None
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        return None
+    # gRPC's ipv6: scheme wants the brackets, and without them the port is ambiguous.
+    return ip if bracketed == (ip.version == 6) else None
+
+
 def seconds(timeout: timedelta | None, default: timedelta | None) -> float | None:
     """The per-call timeout in seconds as gRPC wants it; `None` falls back to the client default."""
     chosen = default if timeout is None else timeout
@@ -247,9 +314,10 @@ class ResumePoint:
     Everything a `WatchTurn` needs to go on from there, on whichever server answers.
     """
 
-    __slots__ = ("completed", "failing_since", "offset", "seq", "turn")
+    __slots__ = ("completed", "conversation", "failing_since", "offset", "seq", "turn")
 
     def __init__(self, turn: str = "", *, seq: int = 0, offset: int = 0) -> None:
+        self.conversation = ""
         self.turn = turn
         self.seq = seq
         self.offset = offset
@@ -265,6 +333,7 @@ class ResumePoint:
         self.seq = event.seq
         match event.WhichOneof("kind"):
             case "started":
+                self.conversation = event.started.conversation
                 self.turn = event.started.turn
             case "text_delta":
                 self.offset = event.text_delta.offset + len(event.text_delta.text)
@@ -305,6 +374,50 @@ def resume_delay_s(
     if remaining_s is not None and delay_s >= remaining_s:
         return None
     return delay_s
+
+
+def restart_wanted(
+    policy: RetryPolicy, *, event: chat_service_pb2.TurnEvent, restarts: int, deadline: Deadline
+) -> bool:
+    """Whether `chat` starts its turn again rather than pass on this event.
+
+    Only the terminal event of a turn whose producing server died qualifies: status
+    INTERRUPTED, which the server sets only when the turn's lease expired, never for a
+    cancel (CANCELLED), a deadline (CANCELLED) or a model failure (FAILED). Restarts and
+    time must remain.
+    """
+    if (
+        event.WhichOneof("kind") != "completed"
+        or event.completed.status != chat_service_pb2.TURN_STATUS_INTERRUPTED
+        or restarts >= policy.max_restarts
+    ):
+        return False
+    remaining_s = deadline.remaining_s()
+    return remaining_s is None or remaining_s > 0
+
+
+_MAX_REQUEST_ID_CHARS: Final = 128
+
+
+def restart_request(
+    request: chat_service_pb2.ChatRequest, *, conversation: str, restart: int
+) -> chat_service_pb2.ChatRequest:
+    """The request that starts an interrupted turn again: its message, in its conversation.
+
+    The server keeps one turn per `request_id` and replays an ended one, an INTERRUPTED one
+    included, so a restart needs a key of its own. It is derived from the call's key so that
+    it is idempotent too: the call retried with the same `request_id` replays the interrupted
+    turn, then attaches to (or replays) the restart it made the first time.
+    """
+    suffix = f":restart:{restart}"
+    key = request.request_id
+    if len(key) + len(suffix) > _MAX_REQUEST_ID_CHARS:
+        key = hashlib.sha256(key.encode()).hexdigest()
+    restarted = chat_service_pb2.ChatRequest()
+    restarted.CopyFrom(request)
+    restarted.conversation = conversation
+    restarted.request_id = key + suffix
+    return restarted
 
 
 def channel_options(options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:

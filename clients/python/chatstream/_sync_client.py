@@ -22,10 +22,13 @@ from chatstream._common import (
     RetryPolicy,
     call_metadata,
     channel_options,
+    channel_target,
     chat_request,
     check_enter,
     check_open,
     new_request_id,
+    restart_request,
+    restart_wanted,
     resume_delay_s,
     seconds,
 )
@@ -53,12 +56,20 @@ class ChatClient:
 
     Close it once, preferably with `with`; it may be shared between threads.
     Every failed call raises `ChatClientError`. Reads (get and list) are retried by gRPC on
-    UNAVAILABLE; `chat` retries UNAVAILABLE itself, but only before its first event.
+    UNAVAILABLE; `chat` retries UNAVAILABLE itself before its first event, resumes its turn
+    after a dropped connection, and starts it again if the server producing it died.
+
+    One client can use several servers: give it several addresses, or a DNS name with a
+    record per server, and its calls take turns over them (gRPC's `round_robin`).
 
     Example:
         with ChatClient("localhost:50051", metadata=[("authorization", "Bearer t")]) as client:
             for event in client.chat("Hello!"):
                 print(event)
+
+        # A fleet: every address of a name (a headless Kubernetes Service), or a list of IPs.
+        ChatClient("dns:///chatstream.chat.svc.cluster.local:50051")
+        ChatClient(["10.0.0.1:50051", "10.0.0.2:50051", "10.0.0.3:50051"])
     """
 
     _channel: grpc.Channel
@@ -72,7 +83,7 @@ class ChatClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
@@ -84,20 +95,32 @@ class ChatClient:
         """Opens a channel to `target`; the client owns it and closes it in `close`.
 
         Args:
-            target: The server address, e.g. `chat.internal:443` or `localhost:50051`.
+            target: Where the servers are. One address (`chat.internal:443`,
+                `localhost:50051`) or any gRPC target string: `dns:///chat.internal:443` (a
+                connection to every address the name has), `ipv4:10.0.0.1:50051,10.0.0.2:50051`.
+                Or a sequence of addresses, which must then be IP addresses with their port,
+                all IPv4 or all IPv6 (`[fd00::1]:50051`); use a DNS name for host names. Calls
+                are balanced `round_robin` over the servers that are up, and a server that goes
+                away is reconnected in the background. With TLS and IP addresses, name the
+                certificate's host with the option `("grpc.ssl_target_name_override", host)`.
             credentials: TLS credentials (`grpc.ssl_channel_credentials()`); None for plaintext.
             metadata: Sent with every call, e.g. `[("authorization", "Bearer ...")]`.
             timeout: Default deadline of unary calls, and of each page of a list; None for none.
             chat_timeout: Default deadline of a whole `chat` call, retries included; None for none.
-            retry_policy: How `chat` retries UNAVAILABLE before its first event.
+            retry_policy: How `chat` retries, resumes and restarts (see `RetryPolicy`).
             options: Extra gRPC channel options; a key given here replaces the client's own
-                (`grpc.service_config`, `grpc.enable_retries`).
+                (`grpc.service_config`, which holds `round_robin` and the retries of reads,
+                and `grpc.enable_retries`).
+
+        Raises:
+            ValueError: An empty sequence of addresses, or several that are not IP addresses.
         """
         merged = channel_options(options)
+        resolved = channel_target(target)
         channel = (
-            grpc.insecure_channel(target, options=merged)
+            grpc.insecure_channel(resolved, options=merged)
             if credentials is None
-            else grpc.secure_channel(target, credentials, options=merged)
+            else grpc.secure_channel(resolved, credentials, options=merged)
         )
         self._setup(
             channel,
@@ -192,6 +215,23 @@ class ChatClient:
         with `WatchTurn` after the last event it saw, on whichever server answers: the
         caller sees one unbroken stream, nothing missing and nothing repeated.
 
+        If the server producing the turn dies (killed, crashed), the turn cannot be
+        finished: it ends INTERRUPTED once its lease expires (`CHATSTREAM_TURN_LEASE_S` on
+        the server, 30 s by default), and the client starts it again, in the same
+        conversation, up to `RetryPolicy.max_restarts` times (1 by default) and within the
+        deadline. A cancelled or failed turn is never started again. The caller gets no
+        `completed` for the interrupted turn; instead a second `started` arrives, naming
+        the new turn, and that turn's events follow from `seq` 1. The events are then
+        `started`, the interrupted turn's `text_delta`s, `started`, `text_delta`s,
+        `completed`: the reply is the text after the last `started`, and text received
+        before it is to be discarded (a caller that prints it as it comes starts a new
+        line). Without restarts left, the interrupted turn's `completed` (status
+        INTERRUPTED) ends the stream, as before. The restart is a `Chat` with the key
+        `{request_id}:restart:{n}`, so it is idempotent too: the call retried with the same
+        `request_id` replays the interrupted turn, then attaches to (or replays) the
+        restart instead of making another. Both turns stay in the conversation, the
+        interrupted one with its partial text.
+
         Leaving the loop early cancels the turn, and the server records it as cancelled.
         A `break` cancels it when the generator is collected; wrap the call in
         `contextlib.closing` to cancel at once.
@@ -204,7 +244,8 @@ class ChatClient:
                 replayed, neither is regenerated.
             timeout: Deadline of the whole call, retries included; None uses `chat_timeout`.
             resume: Resume after a dropped connection (the server keeps producing the turn
-                meanwhile). False ties the turn to this one connection, as before.
+                meanwhile), and restart a turn whose server died. False ties the turn to
+                this one connection, as before.
 
         Yields:
             Each `TurnEvent` as it arrives.
@@ -289,8 +330,14 @@ class ChatClient:
         *,
         resume: bool,
     ) -> Generator[chat_service_pb2.TurnEvent, None, None]:
-        """The one loop of `chat` and `watch_turn`: Chat until the turn is known, then WatchTurn."""
+        """The one loop of `chat` and `watch_turn`: Chat until the turn is known, then WatchTurn.
+
+        For `chat` (a `request`, resuming), a turn that ends INTERRUPTED starts over: Chat
+        again, with the restart's own key, and a new position.
+        """
         attempt = 0
+        restarts = 0
+        caller_left = False
         try:
             while True:
                 attempt += 1
@@ -301,11 +348,33 @@ class ChatClient:
                     call = self._stub.WatchTurn(
                         position.watch_request(), timeout=deadline.remaining_s(), metadata=self._metadata
                     )
+                restart: chat_service_pb2.ChatRequest | None = None
                 try:
                     for response in call:
-                        if position.accept(response.event):
-                            yield response.event
-                    return
+                        if not position.accept(response.event):
+                            continue
+                        if (
+                            request is not None
+                            and resume
+                            and restart_wanted(
+                                self._retry_policy, event=response.event, restarts=restarts, deadline=deadline
+                            )
+                        ):
+                            restart = restart_request(
+                                request, conversation=position.conversation, restart=restarts + 1
+                            )
+                            break
+                        yield response.event
+                    if restart is None:
+                        return
+                    logger.info(
+                        "%s was interrupted (its server died); starting it again as request %s",
+                        position.turn,
+                        restart.request_id,
+                    )
+                    request, position, attempt = restart, ResumePoint(), 0
+                    restarts += 1
+                    continue
                 except grpc.RpcError as rpc_error:
                     error = ChatClientError.from_rpc_error(rpc_error)
                     if request is not None and not resume and position.turn:
@@ -320,11 +389,45 @@ class ChatClient:
                     # break, its own exception or cancellation).
                     call.cancel()
                 time.sleep(delay_s)
+        except ChatClientError:
+            raise
+        except BaseException:
+            # The consumer left early: close, break, its own exception or cancellation.
+            caller_left = True
+            raise
         finally:
-            if resume and position.turn and not position.completed:
+            if resume and not position.completed:
                 # The server keeps producing a resumable turn without its connection; the
                 # caller is gone for good, so stop the turn.
-                self._cancel_quietly(position.turn)
+                if position.turn:
+                    self._cancel_quietly(position.turn)
+                elif request is not None and caller_left:
+                    self._cancel_unseen(request)
+
+    def _cancel_unseen(self, request: chat_service_pb2.ChatRequest) -> None:
+        """Cancels the turn of a caller that left before the turn's name arrived.
+
+        The request may have started a turn that goes on without its connection. Sending it
+        again (same `request_id`) attaches to that turn, or starts it if the first never
+        arrived, and its first event names it; the caller leaving again cancels it anyway
+        (`ON_DISCONNECT_CANCEL`).
+        """
+        probe = chat_service_pb2.ChatRequest()
+        probe.CopyFrom(request)
+        probe.on_disconnect = chat_service_pb2.ON_DISCONNECT_CANCEL
+        call: _ResponseStream = self._stub.Chat(probe, timeout=5.0, metadata=self._metadata)
+        turn = ""
+        try:
+            for response in call:
+                turn = response.event.started.turn
+                break
+        except grpc.RpcError as err:
+            # Best effort, as in `_cancel_quietly`.
+            logger.debug("finding the turn of request %s failed: %s", request.request_id, err.code())
+        finally:
+            call.cancel()
+        if turn:
+            self._cancel_quietly(turn)
 
     def _cancel_quietly(self, turn: str) -> None:
         try:

@@ -203,19 +203,53 @@ export class ChatClient {
       onDisconnect: resume ? OnDisconnect.CONTINUE : OnDisconnect.CANCEL,
     };
     const position = new ResumePoint();
+    let failed = false;
     try {
       yield* this.#follow(position, options, resume ? MAX_ATTEMPTS : 1, (callOptions) =>
         position.turn === ""
           ? this.#client.chat(request, callOptions)
           : this.#client.watchTurn(position.watchRequest(), callOptions),
       );
+    } catch (error) {
+      // An aborted signal is the caller leaving; anything else is the call failing.
+      failed = options.signal?.aborted !== true;
+      throw error;
     } finally {
-      if (resume && position.turn !== "" && !position.completed && !this.#closed) {
+      if (resume && !position.completed && !this.#closed) {
         // The server goes on producing a resumable turn without its connection; the caller
         // is gone for good, so stop the turn. Best effort: it ends by itself at the latest
         // after the server's CHATSTREAM_MAX_TURN_S.
-        await this.cancelTurn(position.turn, { timeoutMs: CANCEL_TIMEOUT_MS }).catch(() => undefined);
+        if (position.turn !== "") {
+          await this.cancelTurn(position.turn, { timeoutMs: CANCEL_TIMEOUT_MS }).catch(() => undefined);
+        } else if (!failed) {
+          await this.#cancelUnseen(request).catch(() => undefined);
+        }
       }
+    }
+  }
+
+  /**
+   * Cancels the turn of a caller that left before the turn's name arrived. Sending the request
+   * again (same `requestId`) attaches to that turn, or starts it if the first never arrived;
+   * its first event names it, and leaving cancels it anyway (`ON_DISCONNECT_CANCEL`).
+   */
+  async #cancelUnseen(request: { readonly requestId: string }): Promise<void> {
+    const call = new AbortController();
+    let turn = "";
+    try {
+      const probe = { ...request, onDisconnect: OnDisconnect.CANCEL };
+      const options = { headers: { ...this.#headers }, signal: call.signal, timeoutMs: CANCEL_TIMEOUT_MS };
+      for await (const response of this.#client.chat(probe, options)) {
+        if (response.event?.kind.case === "started") {
+          turn = response.event.kind.value.turn;
+        }
+        break;
+      }
+    } finally {
+      call.abort();
+    }
+    if (turn !== "") {
+      await this.cancelTurn(turn, { timeoutMs: CANCEL_TIMEOUT_MS });
     }
   }
 

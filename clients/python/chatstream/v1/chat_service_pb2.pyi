@@ -219,6 +219,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (`x-chatstream-user`). Code UNAUTHENTICATED. Do not retry: issue the credential
     for another subject.
     """
+    ERROR_REASON_SERVER_OVERLOADED: _ErrorReason.ValueType  # 20
+    """This server process is overloaded: its measured load (event-loop lag or CPU
+    over the last second, by default) is past what it can carry while keeping the
+    streams it already runs on time, so it refuses new turns. Only `Chat` is
+    refused so; `WatchTurn` and `WatchConversation` of turns already running are
+    still served. Nothing was stored and the model was not called.
+    Code UNAVAILABLE, with `google.rpc.RetryInfo`. Metadata: `scope` (`server`).
+    Retry after the delay, with the same `request_id`; another replica may take the
+    call at once.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed: the `reason` of the `google.rpc.ErrorInfo` that every error
@@ -340,6 +350,16 @@ ERROR_REASON_SUBJECT_RESERVED: ErrorReason.ValueType  # 19
 identity) starts with `user:`, the namespace of end users a trusted key acts for
 (`x-chatstream-user`). Code UNAUTHENTICATED. Do not retry: issue the credential
 for another subject.
+"""
+ERROR_REASON_SERVER_OVERLOADED: ErrorReason.ValueType  # 20
+"""This server process is overloaded: its measured load (event-loop lag or CPU
+over the last second, by default) is past what it can carry while keeping the
+streams it already runs on time, so it refuses new turns. Only `Chat` is
+refused so; `WatchTurn` and `WatchConversation` of turns already running are
+still served. Nothing was stored and the model was not called.
+Code UNAVAILABLE, with `google.rpc.RetryInfo`. Metadata: `scope` (`server`).
+Retry after the delay, with the same `request_id`; another replica may take the
+call at once.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -57,6 +57,9 @@ class ChatServiceStub:
     - At most 32 concurrent `Chat` streams per owner and 1,000 per server
     (RESOURCE_EXHAUSTED, `TOO_MANY_STREAMS`, with `RetryInfo`). Unary calls are
     not counted.
+    - Below those counts, a server process whose measured load is past what it can
+    carry refuses new `Chat` calls (UNAVAILABLE, `SERVER_OVERLOADED`, with
+    `RetryInfo`) so that the streams it already runs stay on time.
     - A request message of at most 1 MiB and call metadata of at most 16 KiB
     (RESOURCE_EXHAUSTED).
     - `ChatRequest.text` of at most 32,768 characters (INVALID_ARGUMENT).
@@ -161,6 +164,9 @@ class ChatServiceServicer:
     - At most 32 concurrent `Chat` streams per owner and 1,000 per server
     (RESOURCE_EXHAUSTED, `TOO_MANY_STREAMS`, with `RetryInfo`). Unary calls are
     not counted.
+    - Below those counts, a server process whose measured load is past what it can
+    carry refuses new `Chat` calls (UNAVAILABLE, `SERVER_OVERLOADED`, with
+    `RetryInfo`) so that the streams it already runs stay on time.
     - A request message of at most 1 MiB and call metadata of at most 16 KiB
     (RESOURCE_EXHAUSTED).
     - `ChatRequest.text` of at most 32,768 characters (INVALID_ARGUMENT).
@@ -194,6 +200,14 @@ class ChatServiceServicer:
         A client whose connection drops mid-reply resumes with `WatchTurn`, on any
         replica, after the last event it saw: see `WatchTurn` for how long that works.
         If the client goes away, `on_disconnect` says whether the turn goes on.
+
+        Admission. A server process takes a new `Chat` only while it can carry it: past
+        its stream limits it answers RESOURCE_EXHAUSTED (`TOO_MANY_STREAMS`), and past
+        its measured load (event-loop lag or CPU over a short window) UNAVAILABLE
+        (`SERVER_OVERLOADED`), both with `RetryInfo` and before anything is stored or
+        the model is called, so retrying, on this replica or another, is always safe.
+        A stream once admitted is never cut for load: the refusals are what keep it on
+        time. Health stays SERVING while the process sheds load.
 
         `Chat`, `WatchTurn` and `WatchConversation` stream the same `ChatResponse`, so a
         client handles one event type however it reaches a turn.
@@ -375,6 +389,9 @@ class ChatService:
     - At most 32 concurrent `Chat` streams per owner and 1,000 per server
     (RESOURCE_EXHAUSTED, `TOO_MANY_STREAMS`, with `RetryInfo`). Unary calls are
     not counted.
+    - Below those counts, a server process whose measured load is past what it can
+    carry refuses new `Chat` calls (UNAVAILABLE, `SERVER_OVERLOADED`, with
+    `RetryInfo`) so that the streams it already runs stay on time.
     - A request message of at most 1 MiB and call metadata of at most 16 KiB
     (RESOURCE_EXHAUSTED).
     - `ChatRequest.text` of at most 32,768 characters (INVALID_ARGUMENT).
