@@ -51,7 +51,9 @@ class Replicas:
 
 def _start(settings: Settings, **extra: str) -> tuple[str, ChatstreamProcess]:
     address = f"127.0.0.1:{free_port()}"
-    env = settings_env(settings, CHATSTREAM_LISTEN=address, CHATSTREAM_TURN_LEASE_S=str(_LEASE_S), **extra)
+    env = settings_env(
+        settings, CHATSTREAM_LISTEN=address, **{"CHATSTREAM_TURN_LEASE_S": str(_LEASE_S), **extra}
+    )
     process = ChatstreamProcess(["serve"], env)
     wait_for_port(address, process=process)
     return address, process
@@ -312,51 +314,57 @@ async def test_a_caller_never_holds_text_that_its_killed_producer_could_not_end_
 
 
 async def test_a_retry_attached_to_a_turn_whose_log_lost_its_start_still_opens_with_turn_started(
-    replicas: Replicas, settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection, redis: aioredis.Redis
+    settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection, redis: aioredis.Redis
 ) -> None:
     """The producer dies before its log has even TurnStarted; the retry attached to the turn gets
     it all the same, then the end the lease sweeper appends to the log."""
     fake.script(Stream(_WORDS[:5], then="stall", delay_s=0.01))
-    first = Received()
-    await _pause_writes(redis, timeout_s=20)  # the live log cannot be written
-    try:
-        async with _stub(replicas.addresses[0]) as stub:
-            request = pb.ChatRequest(text="doomed", request_id="attach-me")
-            reading = asyncio.ensure_future(_read(stub.Chat(request), first, events=1000))
-            await fake.wait_for_requests(1, timeout=5)
-            replicas.processes[0].kill()
-            with pytest.raises(grpc.aio.AioRpcError):
-                await reading
-    finally:
-        await _unpause_writes(redis)
-    retry = Received()
-    async with _stub(replicas.addresses[1]) as other:
-        attached = asyncio.ensure_future(_read(other.Chat(request), retry, events=1000))
-        await asyncio.sleep(0.3)  # the retry is attached, following the (empty) live log
-        assert not attached.done()
-        await db.execute("UPDATE chat.turns SET lease_expires_at = now() - interval '1 second'")
-        database = Database.from_settings(settings.database)
-        relay_redis = await create_redis(settings.redis)
+    first, retry = Received(), Received()
+    request = pb.ChatRequest(text="doomed", request_id="attach-me")
+    # A long lease: the test, not the clock, says when the dead producer's lease has expired.
+    with _replicas(settings, CHATSTREAM_TURN_LEASE_S="60") as replicas:
+        await _pause_writes(redis, timeout_s=20)  # the live log cannot be written
         try:
-            sweeper = Relay(
-                database=database,
-                redis=relay_redis,
-                live_ttl_s=settings.turns.live_ttl_s,
-                publisher=TurnPublisher(relay_redis, shards=settings.redis.shards),
-                interval=timedelta(seconds=1),
-                grace=timedelta(seconds=60),
-            )
-            await sweeper.run_once()
-            assert sweeper.stats.interrupted == 1
+            async with _stub(replicas.addresses[0]) as stub:
+                reading = asyncio.ensure_future(_read(stub.Chat(request), first, events=1000))
+                await fake.wait_for_requests(1, timeout=5)
+                replicas.processes[0].kill()
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await reading
         finally:
-            await relay_redis.aclose()
-            await database.dispose()
-        await asyncio.wait_for(attached, timeout=10)
+            await _unpause_writes(redis)
+        async with _stub(replicas.addresses[1]) as other:
+            attached = asyncio.ensure_future(_read(other.Chat(request), retry, events=1000))
+            await asyncio.sleep(0.3)  # the retry is attached, following the (empty) live log
+            assert not attached.done()
+            await db.execute("UPDATE chat.turns SET lease_expires_at = now() - interval '1 second'")
+            assert await _sweep(settings) == 1
+            await asyncio.wait_for(attached, timeout=10)
     assert retry.seqs is not None
     assert retry.seqs[0] == 1, retry.seqs
     assert retry.turn == first.turn
     assert retry.completed is not None
     assert retry.completed.status == pb.TURN_STATUS_INTERRUPTED
+
+
+async def _sweep(settings: Settings) -> int:
+    """One pass of the relay's lease sweeper, as a consumer process runs it; the turns it ended."""
+    database = Database.from_settings(settings.database)
+    redis_client = await create_redis(settings.redis)
+    try:
+        sweeper = Relay(
+            database=database,
+            redis=redis_client,
+            live_ttl_s=settings.turns.live_ttl_s,
+            publisher=TurnPublisher(redis_client, shards=settings.redis.shards),
+            interval=timedelta(seconds=1),
+            grace=timedelta(seconds=60),
+        )
+        await sweeper.run_once()
+        return sweeper.stats.interrupted
+    finally:
+        await redis_client.aclose()
+        await database.dispose()
 
 
 async def _pause_writes(redis: aioredis.Redis, *, timeout_s: float) -> None:
