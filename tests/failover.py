@@ -31,7 +31,8 @@ from datetime import timedelta
 
 import asyncpg
 import grpc
-from chatstream import AsyncChatClient, ChatClientError, RetryPolicy
+from chatstream import AsyncChatClient, ChatClientError, RetryPolicy, TurnStatus
+from chatstream.v1 import chat_service_pb2 as pb
 from redis.crc import key_slot
 
 from server.config import Settings
@@ -43,6 +44,7 @@ from tests.fake_anthropic import FakeAnthropic, Stream
 from tests.invariants import (
     ClientTurn,
     assert_completed_turns_stored,
+    assert_interrupted_turns_kept,
     assert_no_duplicates,
     relayed_turns,
     wait_settled,
@@ -73,6 +75,9 @@ class Load:
 
     completed: dict[str, ClientTurn] = field(default_factory=dict)
     """Turns (by name) whose TurnCompleted arrived (first time or replayed), as the client saw them."""
+    restarted: dict[str, ClientTurn] = field(default_factory=dict)
+    """Turns a killed server left INTERRUPTED, which the SDK started again as new turns, with
+    the part of their reply the client had got of them."""
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
     retries: int = 0
     given_up: int = 0
@@ -85,6 +90,8 @@ class Report:
     turns: int
     clients: int
     statuses: dict[str, int]
+    restarted: int
+    """INTERRUPTED turns the SDK started again (their TurnCompleted never reached the caller)."""
     client_retries: int
     promoted_after_s: float
     lost_writes: int
@@ -103,7 +110,8 @@ class Report:
     def __str__(self) -> str:
         statuses = ", ".join(f"{n} {status}" for status, n in sorted(self.statuses.items()))
         return (
-            f"{self.turns} turns from {self.clients} clients ({statuses}); "
+            f"{self.turns} turns from {self.clients} clients ({statuses} as the clients saw them, "
+            f"{self.restarted} INTERRUPTED and started again by the SDK); "
             "kills: 1 Redis primary (kill -9, replica promoted in "
             f"{self.promoted_after_s:.1f} s), 1 server and 1 consumer (kill -9, restarted); "
             f"{self.lost_writes} acknowledged writes lost by the failover ({self.stranded_writes} never "
@@ -181,15 +189,17 @@ async def _scenario(cluster: RedisCluster, *, database_url: str, fake: FakeAnthr
             assert all(await asyncio.gather(*after))
             state = await wait_settled(db, redis_client, SHARDS, timeout_s=SETTLE_TIMEOUT_S)
             assert load.given_up == 0, f"{load.given_up} clients gave up"
-            assert state.turns == len(load.completed), "every turn started is one a client saw complete"
+            assert state.turns == len(load.completed) + len(load.restarted), "a turn no client saw end"
             assert state.dead == 0, "nothing is poison here: nothing may reach the dead-letter stream"
             await assert_completed_turns_stored(db, load.completed)
+            await assert_interrupted_turns_kept(db, load.restarted)
             await assert_no_duplicates(db)
             await _assert_relayed(db, lost, load)
             return Report(
                 turns=state.turns,
                 clients=len(conversations),
                 statuses=dict(load.statuses),
+                restarted=len(load.restarted),
                 client_retries=load.retries,
                 promoted_after_s=promoted_after_s,
                 lost_writes=len(lost.delivered) + len(lost.stranded),
@@ -420,24 +430,53 @@ async def _turn(
     """One turn to its TurnCompleted, as a client of several servers would; False if it gave up.
 
     The call goes to ``clients[first]``; one that fails is tried again with the same
-    request_id, on the next server.
+    request_id, on the next server. The SDK resumes a broken stream by itself, and starts a turn
+    its dying server left INTERRUPTED again: the events of every turn of the call are kept.
     """
     request_id = "failover-" + text.replace(" ", "-")
     for attempt in range(_CLIENT_ATTEMPTS):
         client = clients[(first + attempt) % len(clients)]
+        seen = _Seen()
         try:
-            reply = await client.chat_reply(text, conversation=conversation, request_id=request_id)
+            async with contextlib.aclosing(
+                client.chat(text, conversation=conversation, request_id=request_id)
+            ) as events:
+                async for event in events:
+                    seen.add(event)
         except ChatClientError as err:
             if err.code not in _RETRIED:
                 raise AssertionError(f"{request_id}: a fault surfaced as {err}") from err
             load.retries += 1
             await asyncio.sleep(min(0.1 * (attempt + 1), 0.5))
             continue
-        load.completed[reply.turn] = ClientTurn(user_text=text, reply_text=reply.text)
-        load.statuses[reply.status.name] += 1
+        *restarted, (turn, reply) = seen.turns
+        assert seen.completed is not None, f"{request_id}: the stream of {turn} ended without TurnCompleted"
+        for interrupted, partial in restarted:
+            load.restarted[interrupted] = ClientTurn(user_text=text, reply_text="".join(partial))
+        load.completed[turn] = ClientTurn(user_text=text, reply_text="".join(reply))
+        load.statuses[TurnStatus(seen.completed.status).name] += 1
         return True
     load.given_up += 1
     return False
+
+
+class _Seen:
+    """The events of one call, turn by turn: a restart opens with a second TurnStarted."""
+
+    def __init__(self) -> None:
+        self.turns: list[tuple[str, list[str]]] = []
+        """Each turn's name and the text deltas the call got of it."""
+        self.completed: pb.TurnCompleted | None = None
+
+    def add(self, event: pb.TurnEvent) -> None:
+        match event.WhichOneof("kind"):
+            case "started":
+                self.turns.append((event.started.turn, []))
+            case "text_delta":
+                assert self.turns, "a text delta before TurnStarted"
+                self.turns[-1][1].append(event.text_delta.text)
+            case "completed":
+                self.completed = event.completed
 
 
 async def _until(condition: Callable[[], bool], driver: asyncio.Task[None], *, what: str) -> None:

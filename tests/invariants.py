@@ -119,6 +119,36 @@ async def assert_completed_turns_stored(db: asyncpg.Connection, completed: Mappi
     assert not wrong, f"{len(wrong)} completed turn(s) without exactly their two rows, e.g. {sample}"
 
 
+async def assert_interrupted_turns_kept(
+    db: asyncpg.Connection, interrupted: Mapping[str, ClientTurn]
+) -> None:
+    """Turns a dead server left INTERRUPTED keep their two rows: the user's text, and a reply that
+    holds all the client got of it (the live log is written ahead of the caller)."""
+    by_id = {name.rsplit("/", 1)[1]: turn for name, turn in interrupted.items()}
+    rows = await db.fetch(
+        "SELECT t.id::text AS turn_id, t.status, m.role, m.text FROM chat.turns t"
+        " JOIN chat.messages m ON m.turn_id = t.id WHERE t.id::text = ANY($1::text[]) ORDER BY t.id, m.role",
+        list(by_id),
+    )
+    stored: dict[str, list[tuple[str, int, str]]] = {}
+    for row in rows:
+        stored.setdefault(row["turn_id"], []).append((row["status"], row["role"], row["text"]))
+    wrong = {}
+    for turn_id, turn in by_id.items():
+        got = stored.get(turn_id, [])
+        ok = (
+            len(got) == 2
+            and all(status == "INTERRUPTED" for status, _, _ in got)
+            and got[0][1:] == (1, turn.user_text)
+            and got[1][1] == 2
+            and got[1][2].startswith(turn.reply_text)
+        )
+        if not ok:
+            wrong[turn_id] = (got, turn.reply_text)
+    sample = dict(list(wrong.items())[:5])
+    assert not wrong, f"{len(wrong)} interrupted turn(s) without their rows or the text seen, e.g. {sample}"
+
+
 async def assert_no_duplicates(db: asyncpg.Connection) -> None:
     """I2: no (turn, role) twice, and each conversation's counter agrees with its rows."""
     duplicates = await db.fetchval(
