@@ -13,8 +13,9 @@ keeps it in ``bench/results/capacity-<what>-<time>.json``. docs/scaling.md reads
 - ``redis``: a ``redis-server`` on loopback TCP with the production posture (docs/deployment.md:
   appendonly yes, appendfsync everysec, noeviction), driven by ``--procs`` load processes of
   ``--concurrency`` coroutines each. Workloads:
-  ``ping`` (the floor: one PING per round trip); ``live`` (the live log, as the per-turn ``LiveWriter._write`` did before ``LiveLog``
-  sends it: per 500-token turn one pipeline for TurnStarted, one per delta, one for TurnCompleted;
+  ``ping`` (the floor: one PING per round trip); ``live`` (the live log, as the per-turn
+  ``LiveWriter._write`` did before ``LiveLog`` sends it: per 500-token turn one pipeline for
+  TurnStarted, one per delta, one for TurnCompleted;
   a delta's pipeline is XADD with MAXLEN ~ + PEXPIRE + EXISTS of the cancel flag); ``persist`` (the
   end of a turn as ``Producer._publish_and_cache`` sends it, XADD of ``encode_turn`` to the shard
   plus SET of the context cache entry of a 5th turn, and one consumer process reading every shard

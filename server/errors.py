@@ -33,10 +33,10 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import ClassVar, Final
 
-import redis.exceptions
 from chatstream.v1.chat_service_pb2 import ErrorReason
 
 from server.db.outages import is_database_outage
+from server.redis_client import is_redis_outage
 
 REASON_PREFIX: Final = "ERROR_REASON_"
 """What the proto's enum values carry and ``ErrorInfo.reason`` does not (buf's enum naming rule)."""
@@ -212,7 +212,8 @@ def classify(exc: BaseException) -> ChatError:
     """
     if isinstance(exc, ChatError):
         return exc
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+    # A bare OSError may come from any socket; the database's own check below knows its errors.
+    if is_redis_outage(exc) and not isinstance(exc, OSError):
         return StorageUnavailableError("storage is temporarily unavailable", metadata={"dependency": "redis"})
     if is_database_outage(exc):
         return StorageUnavailableError(

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from server import live
 from server.db import lease_store
 from server.db.engine import Database
-from server.domain import Sequenced, TextDelta, Turn, TurnCompleted
+from server.domain import Sequenced, Turn, TurnCompleted
 from server.errors import classify
 from server.publisher import TurnPublisher
 
@@ -145,8 +145,9 @@ async def _remains(redis: aioredis.Redis, turn_id: uuid.UUID) -> lease_store.Rem
     except (RedisError, OSError) as exc:
         logger.warning("live log of turn %s unreadable (%s); its partial reply is lost", turn_id, exc)
         events = []
-    text = "".join(e.event.text for e in events if isinstance(e.event, TextDelta))
-    return lease_store.Remains(turn_id=turn_id, text=text, last_seq=(events[-1].seq if events else 1) + 1)
+    return lease_store.Remains(
+        turn_id=turn_id, text=live.text_of(events), last_seq=(events[-1].seq if events else 1) + 1
+    )
 
 
 async def _append_terminal(redis: aioredis.Redis, turn: Turn, *, ttl_s: float) -> None:

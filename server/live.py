@@ -4,13 +4,17 @@ While a turn streams, its numbered events go to the stream ``chat:live:{<turn_id
 entry ids are ``<seq>-0``: a resume point is an entry id, and XRANGE/XREAD from it give
 exactly the events after it. One writer per process (``LiveLog``) writes every turn's
 events in the background, a pipeline at a time (what piles up meanwhile, across turns, goes
-together in the next one), so the relay path never waits for Redis. The writer refreshes
-each log's TTL (only the producer's process does) and reads each turn's cancel flag, which
-is how ``CancelTurn`` on any replica reaches the producer. The
-log is bounded (MAXLEN) and ends with the terminal event. Each turn's start is also noted
-in its conversation's stream, ``chat:live:conv:{<conversation_id>}``, for WatchConversation.
+together in the next one). The writer refreshes each log's TTL (only the producer's process
+does) and reads each turn's cancel flag, which is how ``CancelTurn`` on any replica reaches
+the producer. The log is bounded (MAXLEN) and ends with the terminal event. Each turn's start
+is also noted in its conversation's stream, ``chat:live:conv:{<conversation_id>}``, for
+WatchConversation.
 
-The log is best effort: if Redis is down, watchers fall back to PostgreSQL, which has the
+The log is written ahead of the caller: the starting call gets an event once a pipeline has
+written it (``on_written``), so that a turn whose server dies can be ended with at least the
+text its caller saw (server/leases.py). A turn's events that a pipeline failed to write are
+tried again, in order, until the turn ends; its caller meanwhile waits, and gets everything
+once the outcome is stored. If Redis is down, watchers fall back to PostgreSQL, which has the
 turn once it ended. All of one turn's keys share the hash tag ``{<turn_id>}``.
 """
 
@@ -20,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Final, cast
 
 import redis.asyncio as aioredis
@@ -30,6 +34,7 @@ from redis.typing import EncodableT, FieldT
 from server.coalescer import join_deltas
 from server.constants import LIVE_KEY_PREFIX
 from server.domain import Sequenced, TextDelta, TurnCompleted, TurnStarted, TurnStatus, Usage
+from server.redis_client import REDIS_OUTAGES, is_redis_outage
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +45,11 @@ _CANCEL_CHECK_S: Final = 0.25
 # log lives CHATSTREAM_LIVE_TTL_S after the turn ends.
 _TTL_REFRESH_S: Final = 1.0
 _WRITE_TIMEOUT_S: Final = 2.0
+# After a pipeline that failed to write some turn's events: Redis is down or failing over.
+_RETRY_DELAY_S: Final = 0.25
 _CONVERSATION_MAXLEN: Final = 100
 
-_REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, TimeoutError)
+_REDIS_ERRORS: Final = (redis.exceptions.RedisError, TimeoutError, *REDIS_OUTAGES)
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 """XRANGE's reply, typed as what the wire carries."""
@@ -152,10 +159,24 @@ class LiveLog:
                 await self._task
 
     def open(
-        self, *, conversation_id: uuid.UUID, turn_id: uuid.UUID, on_cancel: Callable[[], None]
+        self,
+        *,
+        conversation_id: uuid.UUID,
+        turn_id: uuid.UUID,
+        on_cancel: Callable[[], None],
+        on_written: Callable[[int], None] = lambda seq: None,
     ) -> TurnLog:
-        """The live log of one turn this process starts producing."""
-        log = TurnLog(self, conversation_id=conversation_id, turn_id=turn_id, on_cancel=on_cancel)
+        """The live log of one turn this process starts producing.
+
+        Args:
+            conversation_id: The turn's conversation.
+            turn_id: The turn.
+            on_cancel: Called when the turn's cancel flag is seen.
+            on_written: Called with the number of the turn's last event a pipeline wrote.
+        """
+        log = TurnLog(
+            self, conversation_id=conversation_id, turn_id=turn_id, on_cancel=on_cancel, on_written=on_written
+        )
         self._open[turn_id] = log
         return log
 
@@ -176,9 +197,10 @@ class LiveLog:
             if now >= self._next_check:
                 checks = list(self._open.values())
                 self._next_check = now + _CANCEL_CHECK_S
+            retry = False
             if batch or checks:
                 try:
-                    await self._write(list(batch.values()), checks, now)
+                    retry = await self._write(list(batch.values()), checks, now)
                 except Exception:
                     # One writer serves every turn of the process: it must outlive a bug.
                     logger.exception("live log writer: a pipeline failed")
@@ -186,16 +208,23 @@ class LiveLog:
                 if log.closing and not log.pending:
                     self._open.pop(log.turn_id, None)
                     log.written.set()
+            if retry:
+                await asyncio.sleep(_RETRY_DELAY_S)
 
-    async def _write(self, batch: list[TurnLog], checks: list[TurnLog], now: float) -> None:
-        """One pipeline: the batch's events and TTLs, and the cancel flags of ``checks``."""
+    async def _write(self, batch: list[TurnLog], checks: list[TurnLog], now: float) -> bool:
+        """One pipeline: the batch's events and TTLs, and the cancel flags of ``checks``.
+
+        Returns whether some turn's events are to be tried again.
+        """
         owners: list[TurnLog] = []  # whose command each reply answers
+        taken: dict[uuid.UUID, list[Sequenced]] = {}
         try:
             async with asyncio.timeout(_WRITE_TIMEOUT_S):
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for log in batch:
                         # The deltas that piled up since its last write become one entry.
                         items, log.pending = join_deltas(log.pending), []
+                        taken[log.turn_id] = items
                         for item in items:
                             pipe.xadd(
                                 log.key,
@@ -225,13 +254,36 @@ class LiveLog:
         except _REDIS_ERRORS as exc:
             for log in {id(log): log for log in [*batch, *checks]}.values():
                 log.failed(exc)
-            return
+            return self._settle(batch, taken, unwritten={log.turn_id for log in batch})
+        unwritten: set[uuid.UUID] = set()
         for log, result in zip(owners, results, strict=False):
             if isinstance(result, Exception):
                 log.failed(result)
+                # Any other error is for good: an entry an earlier, timed-out try did write
+                # (its id is taken), say; trying again cannot help.
+                if is_redis_outage(result):
+                    unwritten.add(log.turn_id)
         for log, flag in zip(checks, results[len(owners) :], strict=True):
             if not isinstance(flag, Exception) and flag and not log.closing:
                 log.on_cancel()
+        return self._settle(batch, taken, unwritten=unwritten)
+
+    def _settle(
+        self, batch: list[TurnLog], taken: dict[uuid.UUID, list[Sequenced]], *, unwritten: set[uuid.UUID]
+    ) -> bool:
+        """Releases what was written to its callers; queues again, in order, what was not."""
+        retry = False
+        for log in batch:
+            items = taken.get(log.turn_id, [])
+            if log.turn_id not in unwritten:
+                if items:
+                    log.on_written(items[-1].seq)
+            elif not log.closing:
+                # Closing, the turn's outcome is stored: watchers find it in PostgreSQL.
+                log.pending[:0] = items
+                self._dirty[log.turn_id] = log
+                retry = True
+        return retry
 
 
 class TurnLog:
@@ -244,6 +296,7 @@ class TurnLog:
         conversation_id: uuid.UUID,
         turn_id: uuid.UUID,
         on_cancel: Callable[[], None],
+        on_written: Callable[[int], None],
     ) -> None:
         self._writer = writer
         self.conversation_id = conversation_id
@@ -251,6 +304,7 @@ class TurnLog:
         self.key = live_key(turn_id)
         self.cancel_key = cancel_key(turn_id)
         self.on_cancel = on_cancel
+        self.on_written = on_written
         self.pending: list[Sequenced] = []
         self.refreshed = float("-inf")
         """When the writer last refreshed the log's TTL (the loop's clock)."""
@@ -288,6 +342,21 @@ async def read_after(redis: aioredis.Redis, turn_id: uuid.UUID, after_seq: int) 
         Entries, await redis.xrange(live_key(turn_id), min=f"({after_seq}-0" if after_seq else "-", max="+")
     )
     return [decode(entry_id, fields) for entry_id, fields in entries]
+
+
+def text_of(events: Sequence[Sequenced]) -> str:
+    """The reply a log's events hold, each delta placed at its offset, up to the first hole.
+
+    A log can miss entries (writes a Redis failover lost) or hold text twice (a pipeline that
+    timed out after writing, tried again with more): never glue pieces around a hole, never
+    repeat text.
+    """
+    text = ""
+    for event in (item.event for item in events if isinstance(item.event, TextDelta)):
+        if event.offset > len(text):
+            break
+        text += event.text[len(text) - event.offset :]
+    return text
 
 
 async def first_seq(redis: aioredis.Redis, turn_id: uuid.UUID) -> int | None:

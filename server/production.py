@@ -5,8 +5,11 @@ is what lets a turn go on when its client leaves (``ON_DISCONNECT_CONTINUE``), b
 cancelled from any replica (its live log's cancel flag), and be drained by a shutdown.
 It numbers each event where it is produced (``seq``), hands it to the starting call
 (``Outbox``) and to the turn's live log in Redis (server/live.py), never waiting for
-either. Every way out stores the turn first (unit of work 2), then publishes it, then
-sends the terminal event: ``TurnCompleted`` means the outcome is stored.
+either. The starting call gets an event once the live log holds it: a turn whose server
+dies is ended from its live log (server/leases.py), with at least what its caller saw.
+Every way out stores the turn first (unit of work 2), which releases every event to the
+caller, then publishes it, then sends the terminal event: ``TurnCompleted`` means the
+outcome is stored.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from server.domain import (
     TurnStatus,
     Usage,
 )
-from server.errors import ChatError, StorageUnavailableError, classify
+from server.errors import ChatError, InternalError, StorageUnavailableError, classify
 from server.leases import TurnLeases
 from server.live import LiveLog
 from server.llm import LlmClient, ReplyEnded, ReplyStarted
@@ -57,9 +60,10 @@ _MAX_READER_STEP_S: Final = 0.002
 class Production:
     """One turn being produced: its task, its events for the starting call, and how to stop it."""
 
-    def __init__(self, turn: Turn) -> None:
+    def __init__(self, turn: Turn, *, live_log: bool) -> None:
         self.turn = turn
-        self.outbox = Outbox()
+        self.outbox = Outbox(gated=live_log)
+        """With a live log, an event waits there until the log (or the stored outcome) holds it."""
         self.seq = 0
         """The number of the last event produced."""
         self.cancel_reason: str | None = None
@@ -69,10 +73,15 @@ class Production:
         the code that records the turn, so such a cancel is left for that code to see."""
 
     def cancel(self, reason: str) -> None:
-        """Stops producing; the turn ends CANCELLED with ``reason`` and what was produced."""
-        if self.task is None or self.task.done():
+        """Stops producing; the turn ends CANCELLED with ``reason`` and what was produced.
+
+        Only the first call counts: the live log's writer sees the cancel flag on each of its
+        pipelines, and a second ``Task.cancel`` would interrupt the recording of the turn's end
+        (the caller's stream then closed without its terminal event).
+        """
+        if self.task is None or self.task.done() or self.cancel_reason is not None:
             return
-        self.cancel_reason = self.cancel_reason or reason
+        self.cancel_reason = reason
         if self.running:
             self.task.cancel()
 
@@ -107,7 +116,7 @@ class Producer:
 
     def start(self, turn: Turn, began: float) -> Production:
         """Starts producing ``turn`` in a task of its own."""
-        production = Production(turn)
+        production = Production(turn, live_log=self._live_log is not None)
         production.task = asyncio.create_task(self._produce(production, began), name=f"turn {turn.id}")
         self._leases.track(production.task)
         return production
@@ -128,6 +137,7 @@ class Producer:
                 conversation_id=turn.conversation_id,
                 turn_id=turn.id,
                 on_cancel=lambda: production.cancel("CANCELLED"),
+                on_written=production.outbox.release,
             )
 
         def emit(item: Sequenced, *, caller: bool = True) -> None:
@@ -145,6 +155,8 @@ class Producer:
                 try:
                     async with asyncio.timeout(self._settings.turns.max_turn_s):
                         emit(Sequenced(1, TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id)))
+                        # No text in it, and unit of work 1 made it durable: no need to wait.
+                        production.outbox.release(1)
                         history = await self._context.load(
                             turn.conversation_id,
                             owner=turn.owner,
@@ -162,8 +174,11 @@ class Producer:
                 except TimeoutError:
                     ending = reply.ending(TurnStatus.CANCELLED, "DEADLINE_EXCEEDED", production)
                     await self._end(production, history, ending, emit)
-                except Exception as exc:  # noqa: BLE001 - any failure ends the turn FAILED; the caller gets it
+                except Exception as exc:  # any failure ends the turn FAILED; the caller gets it
                     err = classify(exc)
+                    if isinstance(err, InternalError) and err is not exc:
+                        # The caller gets a generic INTERNAL: the cause is only in this log.
+                        logger.exception("turn %s failed unexpectedly", turn.id)
                     ending = reply.ending(TurnStatus.FAILED, err.reason, production)
                     await self._end(production, history, ending, emit, error=err)
                 else:
@@ -225,7 +240,7 @@ class Producer:
         error: ChatError | None = None,
     ) -> None:
         """Stores and publishes the outcome (shielded from cancellation), then the terminal event."""
-        task = asyncio.create_task(self._finish(production.turn, history, ending))
+        task = asyncio.create_task(self._finish(production, history, ending))
         self._leases.track(task)
         stored = await asyncio.shield(task)
         terminal = TurnCompleted(
@@ -239,17 +254,20 @@ class Producer:
         emit(Sequenced(stored.last_seq or ending.last_seq, terminal), caller=error is None)
         production.outbox.close(error)
 
-    async def _finish(self, turn: Turn, history: list[Exchange], ending: TurnEnding) -> Turn:
+    async def _finish(self, production: Production, history: list[Exchange], ending: TurnEnding) -> Turn:
         """Unit of work 2, then publish; returns the turn as stored.
 
         A brief PostgreSQL outage is ridden out with a few retries; if the outcome still
         cannot be stored, the turn stays STREAMING, its lease expires and it ends
         INTERRUPTED, with the user's message and the live log's text kept.
         """
+        turn = production.turn
         loop = asyncio.get_running_loop()
         began = loop.time()
         async with asyncio.timeout(_FINISH_TIMEOUT_S):
             stored = await self._store(turn, ending)
+        # The stored row holds every event now, whatever the live log could write.
+        production.outbox.release_all()
         self._metrics.unit_of_work.labels("finish").observe(loop.time() - began)
         if stored is None:
             # The conversation was deleted while the reply streamed: nothing to relay, but

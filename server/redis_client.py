@@ -14,18 +14,42 @@ each shard with its own XREADGROUP).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Final, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
 from server.config import RedisClusterMode, RedisSettings
 
 logger = logging.getLogger(__name__)
+
+
+REDIS_OUTAGES: Final = (
+    redis_exceptions.ConnectionError,
+    redis_exceptions.TimeoutError,
+    # CLUSTERDOWN and MASTERDOWN: a cluster between two states, as while a replica is promoted.
+    redis_exceptions.ClusterDownError,
+    redis_exceptions.TryAgainError,
+    SlotNotCoveredError,
+    OSError,
+)
+"""Redis unreachable, or a Redis Cluster failing over: transient, for the caller to wait out.
+
+What the RedisCluster client raises once its own retries are spent. The cluster errors are not
+ConnectionErrors (ClusterDownError is a ResponseError, SlotNotCoveredError not even a
+RedisError), so every outage path must name this tuple rather than ConnectionError alone.
+"""
+
+
+def is_redis_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means Redis is unreachable for now, not that a command is wrong."""
+    return isinstance(exc, REDIS_OUTAGES)
 
 
 class RedisEvictionPolicyError(RuntimeError):
@@ -62,12 +86,21 @@ async def create_redis(settings: RedisSettings) -> aioredis.Redis:
     on keys that never span slots in one command.
     """
     if not await _is_cluster(settings):
-        return aioredis.from_url(settings.redis_url, **_CONNECTION_OPTIONS)
+        single = aioredis.from_url(settings.redis_url, **_CONNECTION_OPTIONS)
+        pool = single.connection_pool
+        pool.connection_class = _GUARDED.get(pool.connection_class, pool.connection_class)
+        return single
     cluster = _RedisCluster.from_url(
         settings.redis_url,
         retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries=_CLUSTER_RETRIES),
         **_CONNECTION_OPTIONS,
     )
+    # Nodes are created from these keyword arguments as they are discovered (redis-py itself
+    # updates them so); the startup node exists already.
+    kwargs = cluster.nodes_manager.connection_kwargs
+    kwargs["connection_class"] = _GUARDED.get(kwargs["connection_class"], kwargs["connection_class"])
+    for node in cluster.nodes_manager.startup_nodes.values():
+        node.connection_class = kwargs["connection_class"]
     try:
         # Now, not at the first command: reading the slot map also replaces the one node the URL
         # names by every node of the cluster, so losing that node later does not matter.
@@ -75,6 +108,57 @@ async def create_redis(settings: RedisSettings) -> aioredis.Redis:
     except redis_exceptions.ConnectionError as exc:
         logger.warning("Redis Cluster unreachable (%s); its first command will try again", exc)
     return cast(aioredis.Redis, cluster)
+
+
+class _ClosedTransportGuard(AbstractConnection):
+    """A write to a connection that is closed already is a ConnectionError, as redis-py means it.
+
+    Two ways redis-py lets it out as something else, both met by tests/test_failover.py when a
+    cluster primary was killed, and both escaping every outage path (the consumer's back-off,
+    a publish left to the relay, the live log's retries):
+
+    - The processes run on uvloop (server/runtime.py), whose transports raise RuntimeError
+      ("unable to perform operation on <TCPTransport closed=True ...>; the handler is closed",
+      MagicStack/uvloop#506) where asyncio's ignore the write; redis-py only turns OSError into
+      ConnectionError. It ended a consumer process.
+    - The cluster pipeline, retrying after a node failed, closes every connection of its client,
+      those other tasks are writing to included; their write then meets ``_writer`` None, an
+      AttributeError. It ended a live-log writer.
+    """
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            if "handler is closed" not in str(exc):
+                raise
+            # redis-py has disconnected the connection already (its BaseException branch).
+            raise redis_exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
+        except AttributeError as exc:
+            if self._writer is not None:
+                raise
+            raise redis_exceptions.ConnectionError("Connection closed while writing to socket") from exc
+
+
+class _GuardedConnection(_ClosedTransportGuard, Connection):
+    """redis:// connections."""
+
+
+class _GuardedSSLConnection(_ClosedTransportGuard, SSLConnection):
+    """rediss:// connections."""
+
+
+class _GuardedUnixConnection(_ClosedTransportGuard, UnixDomainSocketConnection):
+    """unix:// connections."""
+
+
+_GUARDED: Final[dict[type[AbstractConnection], type[AbstractConnection]]] = {
+    Connection: _GuardedConnection,
+    SSLConnection: _GuardedSSLConnection,
+    UnixDomainSocketConnection: _GuardedUnixConnection,
+}
 
 
 class _RedisCluster(RedisCluster):

@@ -41,7 +41,8 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     uvloop's libuv-based loop makes each task step, socket read and write cheaper than
     the stdlib selector loop; on the hot path (one task step per relayed delta, several
     socket round trips per turn) that is CPU the server gets back for streams
-    (docs/benchmarks.md). grpc.aio, asyncpg and redis-py all run on it unchanged.
+    (docs/benchmarks.md). grpc.aio, asyncpg and redis-py all run on it; redis-py needs one guard
+    for a write after a connection reset (server/redis_client.py).
     """
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)

@@ -89,10 +89,17 @@ class TurnWatcher:
                     for item in batch:
                         if item.seq <= seq:
                             continue
-                        await emit(item)
+                        if seq == 0 and not isinstance(item.event, TurnStarted):
+                            # The log never got the turn's first event (its producer died
+                            # before writing it): the stream opens with one all the same.
+                            await emit(_started(turn))
+                        unseen = _unseen(item, offset)
                         seq = item.seq
-                        if isinstance(item.event, TextDelta):
-                            offset = item.event.offset + len(item.event.text)
+                        if unseen is None:
+                            continue
+                        await emit(unseen)
+                        if isinstance(unseen.event, TextDelta):
+                            offset = unseen.event.offset + len(unseen.event.text)
                     if isinstance(batch[-1].event, TurnCompleted):
                         return
             except _REDIS_ERRORS as exc:
@@ -225,6 +232,22 @@ class ConversationHub:
                     queue.put_nowait(item)
             if batch and isinstance(batch[-1].event, TurnCompleted):
                 return
+
+
+def _started(turn: Turn) -> Sequenced:
+    return Sequenced(1, TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id))
+
+
+def _unseen(item: Sequenced, offset: int) -> Sequenced | None:
+    """``item`` without the text before ``offset``, which the caller has; None if that is all of it.
+
+    The live log and the caller's stream join deltas each in their own batches, so a log entry
+    can start before the caller's resume offset.
+    """
+    if not isinstance(item.event, TextDelta) or item.event.offset >= offset:
+        return item
+    rest = item.event.text[offset - item.event.offset :]
+    return Sequenced(item.seq, TextDelta(text=rest, offset=offset)) if rest else None
 
 
 def replay_events(turn: Turn, *, after_seq: int, after_offset: int) -> list[Sequenced]:

@@ -25,9 +25,16 @@ from chatstream import AsyncChatClient, ChatClientError
 
 from server.app import ChatServer
 from server.config import Settings
-from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
+from server.constants import DEAD_LETTER_STREAM, turns_stream
 from server.db.migrate import upgrade_async
 from tests.conftest import stream_entries
+from tests.invariants import (
+    ClientTurn,
+    assert_completed_turns_stored,
+    assert_no_duplicates,
+    relayed_turns,
+    wait_settled,
+)
 from tests.processes import ChatstreamProcess, PostgresProcess, RedisProcess, settings_env
 
 CLIENTS = 16
@@ -38,8 +45,8 @@ POISON = 3
 class Load:
     """What the clients saw."""
 
-    completed: set[str] = field(default_factory=set)
-    """Turn names whose TurnCompleted arrived (first time or replayed)."""
+    completed: dict[str, ClientTurn] = field(default_factory=dict)
+    """Turns (by name) whose TurnCompleted arrived (first time or replayed), as the client saw them."""
     attempts: int = 0
     retries: int = 0
     given_up: int = 0
@@ -128,12 +135,11 @@ async def _drive(client: AsyncChatClient, load: Load, turns: int, progress: asyn
         conversation = ""
         for n in range(turns):
             request_id = f"fault-{index}-{n}"
+            text = f"client {index} turn {n}"
             for attempt in range(40):
                 load.attempts += 1
                 try:
-                    reply = await client.chat_reply(
-                        f"client {index} turn {n}", conversation=conversation, request_id=request_id
-                    )
+                    reply = await client.chat_reply(text, conversation=conversation, request_id=request_id)
                 except ChatClientError as err:
                     if err.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
                         raise AssertionError(f"a fault surfaced as {err}") from err
@@ -141,7 +147,7 @@ async def _drive(client: AsyncChatClient, load: Load, turns: int, progress: asyn
                     await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
                     continue
                 conversation = reply.conversation
-                load.completed.add(reply.turn)
+                load.completed[reply.turn] = ClientTurn(user_text=text, reply_text=reply.text)
                 break
             else:
                 load.given_up += 1
@@ -216,39 +222,13 @@ async def _scenario(
             # Let the last consumer (no longer killed), the relay and the lease sweeper finish.
             db = await asyncpg.connect(pg.url.replace("+asyncpg", ""))
             try:
-                deadline = time.monotonic() + 90
-                while True:
-                    state = await _state(db, redis_client, settings.redis.shards)
-                    if state.settled or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.5)
-                assert state.settled, state
-
-                # I1: every turn whose TurnCompleted reached a client has both messages.
-                completed_ids = [name.rsplit("/", 1)[1] for name in load.completed]
-                rows = await db.fetch(
-                    "SELECT turn_id::text AS turn_id, count(*) AS n FROM chat.messages"
-                    " WHERE turn_id::text = ANY($1::text[]) GROUP BY turn_id",
-                    completed_ids,
+                state = await wait_settled(
+                    db, redis_client, settings.redis.shards, timeout_s=90, dead_letters=POISON, poll_s=0.5
                 )
-                assert len(rows) == len(completed_ids) == total
-                assert all(r["n"] == 2 for r in rows)
-                # I2: no (turn, role) twice, and the counters agree with the rows.
-                assert (
-                    await db.fetchval(
-                        "SELECT count(*) FROM"
-                        " (SELECT 1 FROM chat.messages GROUP BY turn_id, role HAVING count(*) > 1) d"
-                    )
-                    == 0
-                )
-                relayed = await db.fetchval("SELECT count(*) FROM chat.turns WHERE relay_count > 0")
-                assert (
-                    await db.fetchval(
-                        "SELECT count(*) FROM chat.conversations c WHERE c.message_count <>"
-                        " (SELECT count(*) FROM chat.messages m WHERE m.conversation_id = c.id)"
-                    )
-                    == 0
-                )
+                assert len(load.completed) == total
+                await assert_completed_turns_stored(db, load.completed)
+                await assert_no_duplicates(db)
+                relayed = await relayed_turns(db)
             finally:
                 await db.close()
 
@@ -269,38 +249,3 @@ async def _scenario(
         chaos_on.clear()
         await redis_client.aclose()
         await server.stop(grace_s=0)
-
-
-@dataclass(frozen=True)
-class _State:
-    turns: int
-    streaming: int
-    unpersisted: int
-    messages: int
-    pending: int
-    dead: int
-
-    @property
-    def settled(self) -> bool:
-        return (
-            self.streaming == 0
-            and self.unpersisted == 0
-            and self.messages == 2 * self.turns
-            and self.pending == 0
-            and self.dead >= POISON
-        )
-
-
-async def _state(db: asyncpg.Connection, redis_client: aioredis.Redis, shards: int) -> _State:
-    pending = 0
-    for k in range(shards):
-        with contextlib.suppress(Exception):  # the stream may not exist yet after a restart
-            pending += (await redis_client.xpending(turns_stream(k), PERSISTENCE_GROUP))["pending"]
-    return _State(
-        turns=await db.fetchval("SELECT count(*) FROM chat.turns"),
-        streaming=await db.fetchval("SELECT count(*) FROM chat.turns WHERE status = 'STREAMING'"),
-        unpersisted=await db.fetchval("SELECT count(*) FROM chat.turns WHERE persisted_at IS NULL"),
-        messages=await db.fetchval("SELECT count(*) FROM chat.messages"),
-        pending=pending,
-        dead=await redis_client.xlen(DEAD_LETTER_STREAM),
-    )

@@ -73,6 +73,14 @@ class ChatstreamProcess:
         self.process.kill()
         self.process.wait(timeout=10)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process holds still, as in a long stall or a starved CPU."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT of a frozen process."""
+        self.process.send_signal(signal.SIGCONT)
+
     def terminate(self, *, timeout_s: float = 30) -> int:
         """SIGTERM, then wait for the exit code."""
         self.process.send_signal(signal.SIGTERM)

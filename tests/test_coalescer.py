@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from server import live
 from server.coalescer import Outbox, join_deltas
 from server.domain import Sequenced, TextDelta, TurnCompleted, TurnStarted, TurnStatus, Usage
 from server.errors import UpstreamUnavailableError
@@ -83,3 +84,43 @@ async def test_a_failure_reaches_the_reader_after_the_events_before_it() -> None
     with pytest.raises(UpstreamUnavailableError):
         await anext(items)
     assert outbox.closed
+
+
+async def test_a_gated_outbox_holds_each_event_until_it_is_released() -> None:
+    """What the live log does not hold yet, the caller does not get (server/production.py)."""
+    outbox = Outbox(gated=True)
+    items = outbox.items()
+    outbox.put(_delta(2, "a", 0))
+    outbox.put(_delta(3, "b", 1))
+    outbox.put(_delta(4, "c", 2))
+    reading = asyncio.ensure_future(anext(items))
+    await asyncio.sleep(0)
+    assert not reading.done()
+    outbox.release(3)
+    assert _texts([await asyncio.wait_for(reading, timeout=1)]) == [(3, "ab", 0)]
+    outbox.release_all()  # the outcome is stored: everything may go, what comes later too
+    outbox.put(_delta(5, "d", 3))
+    outbox.close()
+    assert _texts([i async for i in items]) == [(5, "cd", 2)]
+
+
+async def test_a_gated_outbox_drops_what_was_never_released_when_it_closes() -> None:
+    outbox = Outbox(gated=True)
+    outbox.put(_delta(2, "logged", 0))
+    outbox.put(_delta(3, "lost", 6))
+    outbox.release(2)
+    outbox.close(UpstreamUnavailableError("the model is temporarily unavailable"))
+    items = outbox.items()
+    assert _texts([await anext(items)]) == [(2, "logged", 0)]
+    with pytest.raises(UpstreamUnavailableError):
+        await anext(items)
+
+
+def test_the_text_of_a_live_log_stops_at_a_hole_and_never_repeats() -> None:
+    """A log that lost an entry in a Redis failover, or holds a retried pipeline's text twice."""
+    whole = [_delta(2, "one ", 0), _delta(3, "two ", 4), _delta(5, "three", 8)]
+    assert live.text_of(whole) == "one two three"
+    assert live.text_of([_delta(2, "one ", 0), _delta(5, "three", 8)]) == "one "
+    assert live.text_of([_delta(3, "two ", 4)]) == ""
+    overlapping = [_delta(2, "one ", 0), _delta(3, "two ", 4), _delta(4, "two three", 4)]
+    assert live.text_of(overlapping) == "one two three"

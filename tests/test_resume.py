@@ -12,15 +12,22 @@ import itertools
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, ChatClient, TurnStatus
 from chatstream.v1 import chat_service_pb2 as pb
 from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
+from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from server.config import Settings
+from server.consumer.relay import Relay
+from server.db.engine import Database
+from server.publisher import TurnPublisher
+from server.redis_client import create_redis
 from tests.conftest import Consume, eventually
 from tests.fake_anthropic import FakeAnthropic, Stream
 from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
@@ -44,7 +51,9 @@ class Replicas:
 
 def _start(settings: Settings, **extra: str) -> tuple[str, ChatstreamProcess]:
     address = f"127.0.0.1:{free_port()}"
-    env = settings_env(settings, CHATSTREAM_LISTEN=address, CHATSTREAM_TURN_LEASE_S=str(_LEASE_S), **extra)
+    env = settings_env(
+        settings, CHATSTREAM_LISTEN=address, **{"CHATSTREAM_TURN_LEASE_S": str(_LEASE_S), **extra}
+    )
     process = ChatstreamProcess(["serve"], env)
     wait_for_port(address, process=process)
     return address, process
@@ -175,6 +184,28 @@ async def test_a_late_watcher_gets_everything_after_its_resume_point(
     assert watcher.completed is not None
 
 
+async def test_a_watcher_resuming_inside_a_log_entry_gets_the_text_from_its_offset_on(
+    replicas: Replicas, fake: FakeAnthropic
+) -> None:
+    """The live log and the caller's stream join deltas each in their own batches: a caller's
+    resume point can fall inside a log entry, whose text before it the caller has already."""
+    fake.script(Stream(_WORDS, delay_s=0.03))
+    producer = Received()
+    async with _stub(replicas.addresses[0]) as stub:
+        call = stub.Chat(pb.ChatRequest(text="halfway"))
+        await _read(call, producer, events=4)
+        watcher = Received()
+        async with _stub(replicas.addresses[1]) as other:
+            # Two characters into the first delta ("w00 "), as if an event had carried only those.
+            request = pb.WatchTurnRequest(turn=producer.turn, after_seq=1, after_offset=2)
+            await _read(other.WatchTurn(request), watcher, events=1000)
+        await _read(call, producer, events=1000)
+    assert watcher.start_offset == 2
+    assert watcher.text == _REPLY[2:]
+    watcher.assert_no_repeats()
+    assert watcher.completed is not None
+
+
 async def test_resume_after_the_live_log_expired_is_served_from_postgresql(
     settings: Settings, fake: FakeAnthropic
 ) -> None:
@@ -246,6 +277,108 @@ async def test_a_killed_producer_ends_its_watcher_interrupted_with_the_partial_r
 
 async def _has_text(received: Received, text: str) -> bool:
     return received.text == text
+
+
+async def test_a_caller_never_holds_text_that_its_killed_producer_could_not_end_with(
+    replicas: Replicas, fake: FakeAnthropic, db: asyncpg.Connection, redis: aioredis.Redis
+) -> None:
+    """The live log is written ahead of the caller: while it cannot be written, the caller waits.
+
+    A turn whose server dies ends INTERRUPTED with the text its live log kept. Were the caller
+    ahead of the log, it would hold text the stored turn lacks, and its resume would end with
+    no terminal event (the stored turn ends before the caller's last event).
+    """
+    fake.script(Stream(_WORDS[:5], then="stall", delay_s=0.01))
+    received = Received()
+    await _pause_writes(redis, timeout_s=20)  # the live log cannot be written
+    try:
+        async with _stub(replicas.addresses[0]) as stub:
+            reading = asyncio.ensure_future(
+                _read(stub.Chat(pb.ChatRequest(text="doomed")), received, events=1000)
+            )
+            await fake.wait_for_requests(1, timeout=5)
+            # The five deltas take 50 ms to come; no live log holds them, so none reaches us.
+            await asyncio.sleep(1)
+            assert received.seqs == [1]
+            replicas.processes[0].kill()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await reading
+    finally:
+        await _unpause_writes(redis)
+    assert received.text == ""
+    await _watch(replicas.addresses[1], received)
+    assert received.completed is not None
+    assert received.completed.status == pb.TURN_STATUS_INTERRUPTED
+    received.assert_no_repeats()
+    assert await db.fetchval("SELECT assistant_text FROM chat.turns") == received.text == ""
+
+
+async def test_a_retry_attached_to_a_turn_whose_log_lost_its_start_still_opens_with_turn_started(
+    settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection, redis: aioredis.Redis
+) -> None:
+    """The producer dies before its log has even TurnStarted; the retry attached to the turn gets
+    it all the same, then the end the lease sweeper appends to the log."""
+    fake.script(Stream(_WORDS[:5], then="stall", delay_s=0.01))
+    first, retry = Received(), Received()
+    request = pb.ChatRequest(text="doomed", request_id="attach-me")
+    # A long lease: the test, not the clock, says when the dead producer's lease has expired.
+    with _replicas(settings, CHATSTREAM_TURN_LEASE_S="60") as replicas:
+        await _pause_writes(redis, timeout_s=20)  # the live log cannot be written
+        try:
+            async with _stub(replicas.addresses[0]) as stub:
+                reading = asyncio.ensure_future(_read(stub.Chat(request), first, events=1000))
+                await fake.wait_for_requests(1, timeout=5)
+                replicas.processes[0].kill()
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await reading
+        finally:
+            await _unpause_writes(redis)
+        async with _stub(replicas.addresses[1]) as other:
+            attached = asyncio.ensure_future(_read(other.Chat(request), retry, events=1000))
+            await asyncio.sleep(0.3)  # the retry is attached, following the (empty) live log
+            assert not attached.done()
+            await db.execute("UPDATE chat.turns SET lease_expires_at = now() - interval '1 second'")
+            assert await _sweep(settings) == 1
+            await asyncio.wait_for(attached, timeout=10)
+    assert retry.seqs is not None
+    assert retry.seqs[0] == 1, retry.seqs
+    assert retry.turn == first.turn
+    assert retry.completed is not None
+    assert retry.completed.status == pb.TURN_STATUS_INTERRUPTED
+
+
+async def _sweep(settings: Settings) -> int:
+    """One pass of the relay's lease sweeper, as a consumer process runs it; the turns it ended."""
+    database = Database.from_settings(settings.database)
+    redis_client = await create_redis(settings.redis)
+    try:
+        sweeper = Relay(
+            database=database,
+            redis=redis_client,
+            live_ttl_s=settings.turns.live_ttl_s,
+            publisher=TurnPublisher(redis_client, shards=settings.redis.shards),
+            interval=timedelta(seconds=1),
+            grace=timedelta(seconds=60),
+        )
+        await sweeper.run_once()
+        return sweeper.stats.interrupted
+    finally:
+        await redis_client.aclose()
+        await database.dispose()
+
+
+async def _pause_writes(redis: aioredis.Redis, *, timeout_s: float) -> None:
+    if isinstance(redis, RedisClusterClient):
+        await redis.client_pause(int(timeout_s * 1000), all=False, target_nodes=RedisClusterClient.ALL_NODES)
+    else:
+        await redis.client_pause(int(timeout_s * 1000), all=False)
+
+
+async def _unpause_writes(redis: aioredis.Redis) -> None:
+    if isinstance(redis, RedisClusterClient):
+        await redis.client_unpause(target_nodes=RedisClusterClient.ALL_NODES)
+    else:
+        await redis.client_unpause()
 
 
 async def test_continue_with_the_client_gone_completes_and_persists_the_turn(

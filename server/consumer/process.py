@@ -17,7 +17,7 @@ from server.consumer.worker import PersistenceWorker
 from server.db.engine import Database
 from server.metrics import Metrics, serve_metrics
 from server.publisher import TurnPublisher
-from server.redis_client import check_redis_eviction_policy, create_redis
+from server.redis_client import REDIS_OUTAGES, check_redis_eviction_policy, create_redis
 from server.tracing import configure_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ async def _observe_lag(redis: aioredis.Redis, settings: Settings, metrics: Metri
     while True:
         try:
             report = await measure_lag(redis, shards=settings.redis.shards)
-        except (redis_exceptions.RedisError, OSError) as exc:
+        except (redis_exceptions.RedisError, *REDIS_OUTAGES) as exc:
             logger.debug("lag measurement failed: %s", exc.__class__.__name__)
         else:
             for shard in report.shards:

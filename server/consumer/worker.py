@@ -36,6 +36,7 @@ from server.db import message_store
 from server.db.engine import Database
 from server.errors import is_database_outage
 from server.metrics import Metrics
+from server.redis_client import REDIS_OUTAGES
 from server.turn_codec import EventDecodeError, TurnColumns
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class PersistenceWorker:
             try:
                 await operation()
                 return
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            except REDIS_OUTAGES as exc:
                 if self._stopping.is_set():
                     raise
                 logger.warning("redis unavailable (%s); retrying in %.1fs", exc.__class__.__name__, delay)
@@ -200,6 +201,19 @@ class _Shard:
                     return
                 await self._maybe_trim()
                 delay = _RETRY_DELAY_S
+            # Before ResponseError: CLUSTERDOWN, while a replica is being promoted, is one.
+            except (_OutageError, *REDIS_OUTAGES) as exc:
+                self.w.stats.failures += 1
+                logger.warning(
+                    "consumer on %s: %s unavailable (%s); retrying in %.1fs",
+                    self.stream,
+                    "postgresql" if isinstance(exc, _OutageError) else "redis",
+                    exc.__class__.__name__,
+                    delay,
+                )
+                read_pending = True
+                await self.w.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_DELAY_S)
             except redis.exceptions.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -208,22 +222,6 @@ class _Shard:
                 logger.warning("group missing on %s; recreating it", self.stream)
                 self.claim_cursor = "0-0"
                 await self.w.ensure_groups()
-            except (
-                _OutageError,
-                redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError,
-                OSError,
-            ) as exc:
-                self.w.stats.failures += 1
-                logger.warning(
-                    "consumer on %s: %s unavailable; retrying in %.1fs",
-                    self.stream,
-                    "postgresql" if isinstance(exc, _OutageError) else "redis",
-                    delay,
-                )
-                read_pending = True
-                await self.w.sleep(delay)
-                delay = min(delay * 2, _MAX_RETRY_DELAY_S)
 
     async def _read(self, start: str, *, block: bool) -> list[Entry]:
         response = await self.redis.xreadgroup(
