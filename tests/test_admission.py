@@ -136,10 +136,15 @@ async def test_an_overloaded_server_refuses_a_new_chat_before_side_effects_and_f
     start_server: StartServer, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
     server = await start_server(
-        # An idle loop is late by a few milliseconds at most, a saturated one by tens.
+        # An idle loop is late by a few milliseconds at most, a saturated one by tens; an idle
+        # loop's thread uses a few percent of a core, one relaying this load most of one.
+        # Either signal may be the one that trips first, depending on what else the machine runs.
         admission_max_lag_ms=25.0,
-        admission_max_cpu=0.0,
+        admission_max_cpu=0.3,
         admission_window_s=0.5,
+        # The load streams wait at the fake's gate until the last is admitted, which takes
+        # refusals and retries: the tests' 5 s read timeout would end the first ones.
+        llm_timeout_s=60.0,
         admission_retry_after_s=0.5,
         metrics_listen="127.0.0.1:0",
     )
