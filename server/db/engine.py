@@ -6,18 +6,24 @@
   pool. A single statement is its own transaction, atomic and committed when it returns,
   so no BEGIN/COMMIT round trips are paid and no transaction outlives the statement.
 
+When every connection is in use, a call's start (unit of work 1, ``priority=True``) gets
+the next free one before every other waiter (``CheckoutQueue``).
+
 Both log to one transaction logger and are traced by one instrumentation (SQLAlchemy's).
 Nothing is created at import time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Final
 
+import sqlalchemy.exc
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -61,6 +67,74 @@ def create_engine(settings: DatabaseSettings, *, application_name: str = "chatst
     )
 
 
+class CheckoutQueue:
+    """The order in which units of work get the pool's connections: call start-ups first.
+
+    A busy server holds every connection for longer than its statement: each is handed
+    back only when the event loop next runs the task that used it, which on a saturated
+    loop is tens of milliseconds later. The pool's own queue is first come, first served,
+    so a new call's unit of work 1 queued behind every turn's unit of work 2, lease
+    renewal and context read, and its TurnStarted came seconds late (P2,
+    docs/benchmarks.md). This queue sits in front of the pool and holds as many permits
+    as the pool has connections: the pool itself never has a waiter, and a free
+    connection goes to the longest-waiting start-up, if any, else to the longest-waiting
+    other unit of work. Others can starve only while starts keep every connection busy,
+    which admission (server/load.py) bounds.
+    """
+
+    def __init__(self, size: int, *, timeout_s: float) -> None:
+        self._free = size
+        self._timeout_s = timeout_s
+        # Start-ups first; each waiter is a future that is resolved with its permit.
+        self._waiting: tuple[collections.deque[asyncio.Future[None]], ...] = (
+            collections.deque(),
+            collections.deque(),
+        )
+
+    @contextlib.asynccontextmanager
+    async def permit(self, *, priority: bool) -> AsyncIterator[None]:
+        """Holds one connection's permit for the block."""
+        await self._acquire(priority)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: bool) -> None:
+        if self._free > 0 and not any(self._waiting):
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        queue = self._waiting[0 if priority else 1]
+        queue.append(waiter)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # The permit came with the cancellation or the timeout: hand it on.
+                self._release()
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    queue.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                # What the pool raises when it times out: an outage to every caller.
+                raise sqlalchemy.exc.TimeoutError(
+                    f"no database connection free within {self._timeout_s:g} s"
+                ) from exc
+            raise
+
+    def _release(self) -> None:
+        for queue in self._waiting:
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self._free += 1
+
+
 class Database:
     """The engine with its sessions and its single-statement connections.
 
@@ -68,18 +142,25 @@ class Database:
     attribute access ever triggers implicit I/O.
     """
 
-    def __init__(self, engine: AsyncEngine, *, log_transactions: bool = False) -> None:
+    def __init__(self, engine: AsyncEngine, *, pool_size: int, log_transactions: bool = False) -> None:
+        """Args:
+        engine: The process's engine.
+        pool_size: Its pool's number of connections (``create_engine``'s, no overflow).
+        log_transactions: Log each unit of work's BEGIN and COMMIT or ROLLBACK.
+        """
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         # Shares the pool: execution_options() makes a view of the same engine.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._log = log_transactions
+        self._queue = CheckoutQueue(pool_size, timeout_s=_POOL_TIMEOUT_S)
 
     @classmethod
     def from_settings(cls, settings: DatabaseSettings, *, application_name: str = "chatstream") -> Database:
         """The process's database, configured from its settings group."""
         return cls(
             create_engine(settings, application_name=application_name),
+            pool_size=settings.db_pool_size,
             log_transactions=settings.log_transactions,
         )
 
@@ -91,7 +172,7 @@ class Database:
         """
         for attempt in (1, 2):
             try:
-                async with self._autocommit.connect() as conn:
+                async with self._queue.permit(priority=False), self._autocommit.connect() as conn:
                     await conn.exec_driver_sql("SELECT 1")
                 return
             except DBAPIError as exc:
@@ -103,19 +184,35 @@ class Database:
         await self.engine.dispose()
 
     @contextlib.asynccontextmanager
-    async def begin(self, what: str = "unit of work") -> AsyncIterator[AsyncSession]:
-        """A unit of work: commits when the block ends, rolls back if it raises."""
-        async with self._logged(what), self._sessions.begin() as session:
+    async def begin(
+        self, what: str = "unit of work", *, priority: bool = False
+    ) -> AsyncIterator[AsyncSession]:
+        """A unit of work: commits when the block ends, rolls back if it raises.
+
+        Args:
+            what: What it does, for the transaction log.
+            priority: It starts a call (unit of work 1): it gets the next free connection
+                before every other waiter.
+        """
+        async with (
+            self._queue.permit(priority=priority),
+            self._logged(what),
+            self._sessions.begin() as session,
+        ):
             yield session
 
     @contextlib.asynccontextmanager
-    async def autocommit(self, what: str) -> AsyncIterator[AsyncConnection]:
+    async def autocommit(self, what: str, *, priority: bool = False) -> AsyncIterator[AsyncConnection]:
         """A connection for one statement that is its own transaction.
 
         Use it only for a single statement: each statement commits as it returns, so
-        several would not be atomic together.
+        several would not be atomic together. ``priority`` as for ``begin``.
         """
-        async with self._logged(what, single=True), self._autocommit.connect() as conn:
+        async with (
+            self._queue.permit(priority=priority),
+            self._logged(what, single=True),
+            self._autocommit.connect() as conn,
+        ):
             yield conn
 
     @contextlib.asynccontextmanager

@@ -155,7 +155,7 @@ async def start_turn(database: Database, request: TurnRequest) -> StartResult:
     turn_id = uuid.uuid4()
     statement, params = _start_statement(request, turn_id, request.conversation_id)
     try:
-        async with database.autocommit("start turn") as conn:
+        async with database.autocommit("start turn", priority=True) as conn:
             row = (await conn.execute(statement, params)).mappings().first()
     except IntegrityError:
         # A new conversation whose (owner, request_id) was taken by CreateConversation:
@@ -163,7 +163,7 @@ async def start_turn(database: Database, request: TurnRequest) -> StartResult:
         row = None
     if row is not None:
         return Started(turn=rows.turn(row))
-    async with database.begin("start turn, contended") as session:
+    async with database.begin("start turn, contended", priority=True) as session:
         return await _start_contended(session, request, turn_id)
 
 
