@@ -317,7 +317,10 @@ class ChatServer:
             return
         self._stopped.set()
         grace = self._settings.server.shutdown_grace_s if grace_s is None else grace_s
-        logger.info("stopping: grace period %.1fs", grace)
+        if self._server is not None:
+            # A start that failed (a refused setting, an unreachable port) served nothing:
+            # its own error is the one line the operator should read, not a stop.
+            logger.info("stopping: grace period %.1fs", grace)
         try:
             await self._health.enter_graceful_shutdown()
             if self._settings.server.shutdown_drain_s > 0:

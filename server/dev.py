@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 from server import constants
@@ -143,6 +146,7 @@ def _print_banner(
     env_file: Path,
 ) -> None:
     auth = f"-H 'authorization: Bearer {api_key}'"
+    grpcurl, chatstream = _command("grpcurl"), _command("chatstream")
     lines = [
         "",
         f"chatstream dev server on {address} (data in {data_dir}); Ctrl-C stops it.",
@@ -152,13 +156,24 @@ def _print_banner(
         "read it by themselves from this folder):",
         *(f"  {name}={value}" for name, value in env.items() if name != constants.ENV_TOKEN),
         "Try it with grpcurl (health and reflection need no key):",
-        f"  grpcurl -plaintext {address} list",
-        f"  grpcurl -plaintext {address} describe chatstream.v1.ChatService",
-        f'  grpcurl -plaintext {auth} -d \'{{"text":"hello"}}\' {address} chatstream.v1.ChatService/Chat',
-        f'  grpcurl -plaintext {auth} -d \'{{"parent":"conversations/<id>"}}\' {address} '
-        "chatstream.v1.ChatService/ListMessages",
-        "Or from the terminal: chatstream chat; chatstream conversations list; chatstream lag",
+        f"  {grpcurl} -plaintext {address} list",
+        f"  {grpcurl} -plaintext {address} describe chatstream.v1.ChatService",
+        f'  {grpcurl} -plaintext {auth} -d \'{{"text":"hello"}}\' {address} chatstream.v1.ChatService/Chat',
+        f"  {grpcurl} -plaintext {auth} -d '{{}}' {address} chatstream.v1.ChatService/ListConversations",
+        f"Or from the terminal: {chatstream} chat; {chatstream} conversations list; {chatstream} lag",
     ]
     if demo:
         lines.insert(0, _DEMO_BANNER)
     print("\n".join(lines), flush=True)
+
+
+def _command(name: str) -> str:
+    """How to run the tool ``name`` from a shell: its name when the PATH finds it, else its path.
+
+    `python3 run.py dev` runs from .venv/bin, which a new user's shell does not have on its
+    PATH: the banner's commands must work pasted as they are.
+    """
+    sibling = Path(sys.executable).parent / name
+    if shutil.which(name) is not None or not os.access(sibling, os.X_OK):
+        return name
+    return shlex.quote(str(sibling))

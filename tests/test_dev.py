@@ -28,8 +28,16 @@ _STARTED = "Ctrl-C stops it."
 
 
 def _bare_env() -> dict[str, str]:
-    """The environment of a new user: no CHATSTREAM_* and no Anthropic key (so the demo model)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("CHATSTREAM_", "ANTHROPIC_"))}
+    """The environment of a new user: no CHATSTREAM_* and no Anthropic key (so the demo model),
+    and no .venv/bin on the PATH (no grpcurl or chatstream there), as after `python3 run.py dev`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATSTREAM_", "ANTHROPIC_"))}
+    env.pop("VIRTUAL_ENV", None)
+    env["PATH"] = os.pathsep.join(
+        entry
+        for entry in env.get("PATH", "").split(os.pathsep)
+        if entry and not any(os.access(Path(entry) / tool, os.X_OK) for tool in ("grpcurl", "chatstream"))
+    )
+    return env
 
 
 @dataclass
@@ -155,6 +163,31 @@ def test_a_demo_reply_names_the_demo_model_not_claude(dev: DevRun) -> None:
         reply = client.chat_reply("which model are you?")
 
     assert reply.model == DEMO_MODEL
+
+
+def test_the_banners_commands_run_as_pasted_into_a_new_users_shell(dev: DevRun) -> None:
+    banner = "".join(dev.output)
+    assert "<id>" not in banner, "a command to paste needs no id the user does not have yet"
+    tried = banner[banner.index("Try it with grpcurl") :].splitlines()[1:]
+    grpcurl = [line.strip() for line in tried if line.startswith("  ")]
+    [terminal] = [line for line in tried if line.startswith("Or from the terminal: ")]
+    commands = [*grpcurl, *terminal.removeprefix("Or from the terminal: ").split("; ")]
+    assert len(commands) == 7, commands
+    printed: dict[str, str] = {}
+    for command in commands:
+        done = subprocess.run(
+            ["bash", "-c", command],
+            cwd=dev.project,
+            env=_bare_env(),
+            input="",  # `chat` without a terminal: no line to send, so it exits at once
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+        printed[command] = done.stdout
+    [chat] = [command for command in grpcurl if command.endswith("/Chat")]
+    assert '"status": "TURN_STATUS_COMPLETED"' in printed[chat]
 
 
 def test_dev_stops_cleanly_and_removes_its_env_file(dev: DevRun) -> None:

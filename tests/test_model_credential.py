@@ -14,6 +14,7 @@ from chatstream import AsyncChatClient, ChatClientError
 from server.config import Settings
 from server.llm import NO_MODEL_MESSAGE, _sort
 from tests.conftest import StartServer
+from tests.credentials import api_key
 from tests.fake_anthropic import FakeAnthropic
 from tests.processes import free_port, settings_env
 
@@ -23,8 +24,16 @@ _SDK_CREDENTIAL_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_B
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_without_a_model_credential_exits_with_one_clear_line(settings: Settings, workers: int) -> None:
-    env = settings_env(settings, CHATSTREAM_LISTEN=f"127.0.0.1:{free_port()}")
-    for name in _SDK_CREDENTIAL_ENV:
+    _, key = api_key("billing")
+    # As an operator runs it: authentication on, and the default log level (INFO), at which
+    # anything else the server logs on its way out would show next to the refusal.
+    env = settings_env(
+        settings,
+        CHATSTREAM_LISTEN=f"127.0.0.1:{free_port()}",
+        CHATSTREAM_AUTH_MODE="required",
+        CHATSTREAM_API_KEYS=f"{key.subject}:{key.sha256}",
+    )
+    for name in (*_SDK_CREDENTIAL_ENV, "CHATSTREAM_LOG_LEVEL"):
         env.pop(name, None)
     done = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--workers", str(workers)],

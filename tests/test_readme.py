@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,23 @@ from tests.test_grpcurl import DevServer, dev_server
 
 __all__ = ["dev_server"]  # the module-scoped `chatstream dev` fixture, shared with test_grpcurl
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def _new_shell_env() -> dict[str, str]:
+    """A new user's shell: nothing of .venv on the PATH, so the walkthrough must put it there itself."""
+    tools = ("grpcurl", "chatstream")
+    path = [
+        entry
+        for entry in os.environ["PATH"].split(os.pathsep)
+        if entry and not any(os.access(Path(entry) / tool, os.X_OK) for tool in tools)
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONHOME"}}
+    env["PATH"] = os.pathsep.join(path)
+    assert shutil.which("grpcurl", path=env["PATH"]) is None
+    return env
 
 
 def _walkthrough() -> str:
@@ -33,12 +47,12 @@ def test_the_grpcurl_walkthrough_runs_as_written_and_carries_real_ids(dev_server
     assert "<id>" not in script, "a step must use the id the previous step printed"
     script = script.replace("127.0.0.1:50051", dev_server.address)
     script = script.replace("$(cat .chatstream/dev-api-key)", dev_server.api_key)
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
     done = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
+        cwd=ROOT,
         capture_output=True,
         text=True,
-        env=env,
+        env=_new_shell_env(),
         timeout=120,
         check=False,
     )
