@@ -45,7 +45,10 @@ class Outbox:
     def put(self, item: Sequenced) -> None:
         """Adds an event; never waits."""
         self._waiting.append(item)
-        self._arrived.set()
+        if item.seq <= self._released:
+            # A gated event wakes the reader when it is released, not now: one wake per
+            # release, not one per delta.
+            self._arrived.set()
 
     def release(self, seq: int) -> None:
         """Events numbered up to ``seq`` may go to the reader: something durable holds them."""
