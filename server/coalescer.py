@@ -14,17 +14,20 @@ server died could not end with (server/leases.py builds it from the live log). W
 covers, the reader joins into one TextDelta, so a caller gets at most one message per turn per
 pipeline, and its number is that of a live-log entry (a resume point).
 
-**The flush interval** (``FlushPolicy``) is what makes messages fuller under load. At 20 tokens/s
-a stream's deltas come 50 ms apart, and a write is seldom in flight when the next one arrives:
-joining only under back-pressure joins nothing, and every token costs a gRPC message, a task
-step and a live-log entry. So the live log's writer, the one place every gated outbox is
-released from, waits before its next pipeline: not at all while the process is idle (an idle
-stream gets each delta at once, as before), and, as the measured load (server/load.py) nears
-the admission thresholds, up to ``CHATSTREAM_FLUSH_MAX_MS`` after the previous pipeline began.
-Each turn's deltas of that interval then go in one live-log entry and reach the caller as one
-message. With the live log off there is no such writer, and no interval: the outbox is not
-gated and joins only what arrives while a write is in flight (one mechanism, not a second
-timer per outbox).
+**The flush interval** (``FlushPolicy``) is what makes messages fuller under load. A stream's
+deltas seldom arrive while its previous write is in flight, so joining under back-pressure
+alone joins little, and every delta costs a gRPC message, a task step and a live-log entry.
+So the live log's writer, the one place every gated outbox is released from, waits before
+its next pipeline: not at all while the process is idle (an idle stream gets each delta at
+once), and, as the measured load (server/load.py) nears the admission thresholds, up to
+``CHATSTREAM_FLUSH_MAX_MS`` after the previous pipeline began. Each turn's deltas of that
+interval then go in one live-log entry and reach the caller as one message. The bound is
+small (20 ms: a stream's gap grows by up to that much, within a 100 ms budget, and it stays
+under the admission lag threshold, see server/config.py), so it joins the deltas of streams
+faster than one per interval; for slower ones (20 tokens/s: 50 ms apart) it saves pipelines
+and wake-ups. With the live log off there is no such writer, and no interval: the outbox is
+not gated and joins only what arrives while a write is in flight (one mechanism, not a
+second timer per outbox).
 """
 
 from __future__ import annotations
