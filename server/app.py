@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import tls
 from server.auth import Authenticator, CredentialVerifier, CurrentPrincipal
+from server.coalescer import FlushPolicy
 from server.config import AuthMode, Settings
 from server.context import ContextStore
 from server.context_budget import check_prompt_budget, history_budget
@@ -186,9 +187,26 @@ class ChatServer:
         renewals = asyncio.create_task(leases.renew_forever(), name="lease renewal")
         self._stack.push_async_callback(_cancel_and_wait, renewals)
         publisher = TurnPublisher(redis, shards=settings.redis.shards)
+        # Measured load: admission (the edge) and the live log's flush interval both follow it.
+        load = LoadMonitor(
+            max_lag_s=settings.admission.admission_max_lag_ms / 1000,
+            max_cpu=settings.admission.admission_max_cpu,
+            window_s=settings.admission.admission_window_s,
+            retry_after_s=settings.admission.admission_retry_after_s,
+            metrics=self.metrics,
+        )
+        sampling = asyncio.create_task(load.run(), name="load monitor")
+        self._stack.push_async_callback(_cancel_and_wait, sampling)
         live_log = None
         if settings.turns.live_log:
-            live_log = LiveLog(redis, ttl_s=settings.turns.live_ttl_s, maxlen=settings.turns.live_maxlen)
+            flush = FlushPolicy(load, max_s=settings.turns.flush_max_ms / 1000)
+            self.metrics.flush_interval.set_function(flush.interval)
+            live_log = LiveLog(
+                redis,
+                ttl_s=settings.turns.live_ttl_s,
+                maxlen=settings.turns.live_maxlen,
+                flush_interval=flush.interval,
+            )
             live_log.start()
             self._stack.push_async_callback(live_log.close)
         producer = Producer(
@@ -233,15 +251,6 @@ class ChatServer:
             ),
         )
 
-        load = LoadMonitor(
-            max_lag_s=settings.admission.admission_max_lag_ms / 1000,
-            max_cpu=settings.admission.admission_max_cpu,
-            window_s=settings.admission.admission_window_s,
-            retry_after_s=settings.admission.admission_retry_after_s,
-            metrics=self.metrics,
-        )
-        sampling = asyncio.create_task(load.run(), name="load monitor")
-        self._stack.push_async_callback(_cancel_and_wait, sampling)
         edge = EdgeInterceptor(
             verifier=verifier,
             limiter=StreamLimiter(

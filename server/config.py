@@ -159,6 +159,16 @@ class TurnsSettings:
     PostgreSQL."""
     live_maxlen: int = field(default=10_000, metadata=env("CHATSTREAM_LIVE_MAXLEN", minimum=10))
     """The most events one turn's live log keeps."""
+    flush_max_ms: float = field(default=20.0, metadata=env("CHATSTREAM_FLUSH_MAX_MS", minimum=0.0))
+    """The longest the live log's writer lets a busy process's deltas pile up before it writes
+    them, in milliseconds; what a turn produced meanwhile reaches its caller as one message
+    (server/coalescer.py). 0 while both readings of the load are under half their admission
+    thresholds, growing to this at the thresholds; with admission by load off, or the live log
+    off, always 0. A stream's gap grows by up to this much: 50 ms between tokens at 20 tokens/s,
+    plus this, plus 20 ms of loop lag (the admission threshold) stays within a 100 ms gap. Keep it
+    at or under ``CHATSTREAM_ADMISSION_MAX_LAG_MS``: each pipeline releases an interval's worth
+    of writes at once, which the loop's lag reading sees, and the batching alone must not make
+    the process shed. 0 turns it off."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

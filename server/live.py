@@ -4,11 +4,13 @@ While a turn streams, its numbered events go to the stream ``chat:live:{<turn_id
 entry ids are ``<seq>-0``: a resume point is an entry id, and XRANGE/XREAD from it give
 exactly the events after it. One writer per process (``LiveLog``) writes every turn's
 events in the background, a pipeline at a time (what piles up meanwhile, across turns, goes
-together in the next one). The writer refreshes each log's TTL (only the producer's process
-does) and reads each turn's cancel flag, which is how ``CancelTurn`` on any replica reaches
-the producer. The log is bounded (MAXLEN) and ends with the terminal event. Each turn's start
-is also noted in its conversation's stream, ``chat:live:conv:{<conversation_id>}``, for
-WatchConversation.
+together in the next one). While the process is busy it lets a flush interval pass between
+pipelines (server/coalescer.py, ``FlushPolicy``), so that each turn's deltas of that interval
+become one entry and one message to its caller; while it is idle it writes at once. The
+writer refreshes each log's TTL (only the producer's process does) and reads each turn's
+cancel flag, which is how ``CancelTurn`` on any replica reaches the producer. The log is
+bounded (MAXLEN) and ends with the terminal event. Each turn's start is also noted in its
+conversation's stream, ``chat:live:conv:{<conversation_id>}``, for WatchConversation.
 
 The log is written ahead of the caller: the starting call gets an event once a pipeline has
 written it (``on_written``), so that a turn whose server dies can be ended with at least the
@@ -124,13 +126,30 @@ class LiveLog:
     One background task writes for all the turns this process produces. Whatever piled up
     across turns while its last pipeline was in flight goes in the next one, so a busy
     process sends one round trip per tick rather than one per delta per turn; an idle one
-    writes each event at once. Each turn's TTL is refreshed on its first and last write
-    and at most every ``_TTL_REFRESH_S`` in between, and every open turn's cancel flag is
-    read every ``_CANCEL_CHECK_S``, all in the same pipelines.
+    writes each event at once. A busy one also starts the next pipeline no sooner than
+    ``flush_interval()`` after the last one began, which is what joins a turn's deltas when
+    they come slower than a round trip (server/coalescer.py). Each turn's TTL is refreshed
+    on its first and last write and at most every ``_TTL_REFRESH_S`` in between, and every
+    open turn's cancel flag is read every ``_CANCEL_CHECK_S``, all in the same pipelines.
     """
 
-    def __init__(self, redis: aioredis.Redis, *, ttl_s: float, maxlen: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        ttl_s: float,
+        maxlen: int,
+        flush_interval: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        """Args:
+        redis: Where the logs go.
+        ttl_s: How long a log lives after its last write.
+        maxlen: The most entries one log keeps (approximately).
+        flush_interval: Seconds to let pass, now, between the starts of two pipelines
+            (``FlushPolicy.interval``); 0 writes what is queued as soon as the last pipeline is done.
+        """
         self._redis = redis
+        self._flush_interval = flush_interval
         self._ttl_ms = int(ttl_s * 1000)
         self._maxlen = maxlen
         self._open: dict[uuid.UUID, TurnLog] = {}
@@ -186,10 +205,17 @@ class LiveLog:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        began = float("-inf")  # when the last pipeline began (the loop's clock)
         while True:
             if not self._dirty:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), _CANCEL_CHECK_S)
+            if self._dirty:
+                # Busy: what the turns produce until then goes in this pipeline too, and
+                # reaches each caller as one message. Idle, the interval is 0: no wait.
+                wait = began + self._flush_interval() - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             self._wake.clear()
             batch, self._dirty = self._dirty, {}
             now = loop.time()
@@ -199,6 +225,7 @@ class LiveLog:
                 self._next_check = now + _CANCEL_CHECK_S
             retry = False
             if batch or checks:
+                began = now
                 try:
                     retry = await self._write(list(batch.values()), checks, now)
                 except Exception:

@@ -81,6 +81,12 @@ class Metrics:
             "Share of one core used by the event loop's thread over the last CHATSTREAM_ADMISSION_WINDOW_S.",
             registry=r,
         )
+        self.flush_interval = Gauge(
+            "chatstream_flush_interval_seconds",
+            "How long the live log's writer lets deltas pile up before its next pipeline, from the "
+            "measured load: 0 when idle, up to CHATSTREAM_FLUSH_MAX_MS at the admission thresholds.",
+            registry=r,
+        )
         self.turns = Counter(
             "chatstream_turns_total", "Turns ended, by terminal status.", ["status"], registry=r
         )
