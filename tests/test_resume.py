@@ -23,9 +23,11 @@ from chatstream.v1 import chat_service_pb2 as pb
 from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
+from server import live
 from server.config import Settings
 from server.consumer.relay import Relay
 from server.db.engine import Database
+from server.domain import TextDelta
 from server.publisher import TurnPublisher
 from server.redis_client import create_redis
 from tests.conftest import Consume, eventually
@@ -204,6 +206,44 @@ async def test_a_watcher_resuming_inside_a_log_entry_gets_the_text_from_its_offs
     assert watcher.text == _REPLY[2:]
     watcher.assert_no_repeats()
     assert watcher.completed is not None
+
+
+async def test_a_watcher_resuming_before_a_log_entry_of_joined_deltas_follows_it_live(
+    replicas: Replicas, fake: FakeAnthropic, redis: aioredis.Redis, db: asyncpg.Connection
+) -> None:
+    """The live log's writer joins the deltas that pile up while a pipeline is in flight into
+    one entry, numbered as the last of them: the log's numbers skip, and a watcher whose next
+    entry is such a one has lost nothing. It follows the turn live, not only once it ended."""
+    words = [f"v{i:02d} " for i in range(60)]
+    fake.script(Stream(words, delay_s=0.05))
+    producer = Received()
+    async with _stub(replicas.addresses[0]) as stub:
+        call = stub.Chat(pb.ChatRequest(text="in bursts"))
+        await _read(call, producer, events=4)
+        # Writes wait for a while, as behind a slow Redis: the deltas meanwhile become one entry.
+        await _pause_writes(redis, timeout_s=0.6)
+        await asyncio.sleep(0.9)
+        entries = await live.read_after(redis, _turn_id(producer.turn), 0)
+        gaps = [a for a, b in itertools.pairwise(entries) if b.seq > a.seq + 1 and a.seq > 1]
+        assert gaps, [entry.seq for entry in entries]
+        assert isinstance(gaps[0].event, TextDelta)
+        after_seq, after_offset = gaps[0].seq, gaps[0].event.offset + len(gaps[0].event.text)
+        watcher = Received(text="".join(words)[:after_offset], start_offset=0)
+        watcher.seqs = [after_seq]
+        async with _stub(replicas.addresses[1]) as other:
+            watch = other.WatchTurn(
+                pb.WatchTurnRequest(turn=producer.turn, after_seq=after_seq, after_offset=after_offset)
+            )
+            await _read(watch, watcher, events=len(watcher.seqs) + 1)
+            # The turn has more than a second of its reply to go: this came live.
+            assert await db.fetchval("SELECT status FROM chat.turns") == "STREAMING"
+            await _read(watch, watcher, events=1000)
+        await _read(call, producer, events=1000)
+    assert watcher.text == producer.text == "".join(words)
+    watcher.assert_no_repeats()
+    assert watcher.completed is not None
+    # Followed live: one event per later entry, not the rest in one piece from PostgreSQL.
+    assert len(watcher.seqs) > 4, watcher.seqs
 
 
 async def test_resume_after_the_live_log_expired_is_served_from_postgresql(
