@@ -19,7 +19,7 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from chatstream import AsyncChatClient, ChatClient, TurnStatus
+from chatstream import AsyncChatClient, ChatClient, ChatClientError, TurnStatus
 from chatstream.v1 import chat_service_pb2 as pb
 from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
@@ -326,6 +326,40 @@ async def _has_text(received: Received, text: str) -> bool:
     return received.text == text
 
 
+async def _read_text(call: AsyncIterable[pb.ChatResponse], into: Received, text: str) -> None:
+    """Reads until ``into`` holds ``text`` (however the deltas were joined on the way)."""
+    async for response in call:
+        into.add(response.event)
+        if into.text == text:
+            return
+
+
+async def test_the_lease_sweeper_stores_the_partial_reply_of_a_killed_producer(
+    replicas: Replicas, settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection, consume: Consume
+) -> None:
+    """Nobody watches or retries the turn: the relay's lease sweeper alone ends it, with the text
+    its live log held, which reaches chat.messages."""
+    partial = "".join(_WORDS[:5])
+    fake.script(Stream(_WORDS[:5], then="stall", delay_s=0.01))
+    received = Received()
+    async with _stub(replicas.addresses[0]) as stub:
+        await _read_text(stub.Chat(pb.ChatRequest(text="doomed")), received, partial)
+        replicas.processes[0].kill()
+
+    async def expired() -> bool:
+        return bool(await db.fetchval("SELECT lease_expires_at < now() FROM chat.turns"))
+
+    await eventually(expired, timeout_s=_LEASE_S * 3, what="the dead producer's lease to expire")
+    assert await db.fetchval("SELECT status FROM chat.turns") == "STREAMING"
+    assert await _sweep(settings) == 1
+    row = await db.fetchrow("SELECT status, error_reason, assistant_text FROM chat.turns")
+    assert row is not None
+    assert tuple(row) == ("INTERRUPTED", "LEASE_EXPIRED", partial)
+    await consume()
+    messages = await db.fetch("SELECT role, text, turn_status FROM chat.messages ORDER BY role")
+    assert [tuple(r) for r in messages] == [(1, "doomed", "INTERRUPTED"), (2, partial, "INTERRUPTED")]
+
+
 async def test_a_caller_never_holds_text_that_its_killed_producer_could_not_end_with(
     replicas: Replicas, fake: FakeAnthropic, db: asyncpg.Connection, redis: aioredis.Redis
 ) -> None:
@@ -426,6 +460,65 @@ async def _unpause_writes(redis: aioredis.Redis) -> None:
         await redis.client_unpause(target_nodes=RedisClusterClient.ALL_NODES)
     else:
         await redis.client_unpause()
+
+
+async def test_a_retry_on_the_other_replica_attaches_and_a_conflicting_one_is_refused(
+    replicas: Replicas, fake: FakeAnthropic
+) -> None:
+    fake.script(Stream(_WORDS, delay_s=0.03))
+    request = pb.ChatRequest(text="once only", request_id="retry-me")
+    first, retry = Received(), Received()
+    async with _stub(replicas.addresses[0]) as stub, _stub(replicas.addresses[1]) as other:
+        call = stub.Chat(request)
+        await _read(call, first, events=4)
+        # The same key with another message, on the other replica, while the turn streams.
+        with pytest.raises(grpc.aio.AioRpcError) as conflict:
+            await _read(
+                other.Chat(pb.ChatRequest(text="something else", request_id="retry-me")), Received(), events=1
+            )
+        refused = ChatClientError.from_rpc_error(conflict.value)
+        assert (refused.code, refused.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "IDEMPOTENCY_KEY_REUSED")
+        # The same request there attaches to the turn, from its start, while it streams.
+        await _read(other.Chat(request), retry, events=1000)
+        await _read(call, first, events=1000)
+    assert retry.turn == first.turn
+    assert retry.seqs is not None
+    assert retry.seqs[0] == 1
+    retry.assert_no_repeats()
+    assert retry.text == first.text == _REPLY
+    assert retry.completed is not None
+    assert retry.completed.status == pb.TURN_STATUS_COMPLETED
+    assert len(fake.requests) == 1
+
+
+async def test_a_turn_that_continues_without_its_client_ends_at_the_maximum_turn_duration(
+    settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    partial = "".join(_WORDS[:3])
+    fake.script(Stream(_WORDS[:3], then="stall", delay_s=0.01))
+    address, process = _start(settings, CHATSTREAM_MAX_TURN_S="1")
+    try:
+        received = Received()
+        async with _stub(address) as stub:
+            call = stub.Chat(pb.ChatRequest(text="never ends", on_disconnect=pb.ON_DISCONNECT_CONTINUE))
+            await _read_text(call, received, partial)
+            call.cancel()
+        await asyncio.sleep(0.2)
+        # The client is gone and the turn goes on...
+        assert await db.fetchval("SELECT status FROM chat.turns") == "STREAMING"
+        assert fake.disconnects == 0
+        # ...until its maximum duration (1 s from its start), which closes the upstream too.
+        await fake.wait_for_disconnect(timeout=3)
+
+        async def ended() -> bool:
+            return bool(await db.fetchval("SELECT status <> 'STREAMING' FROM chat.turns"))
+
+        await eventually(ended, what="the turn to end")
+    finally:
+        process.close()
+    row = await db.fetchrow("SELECT status, error_reason, assistant_text FROM chat.turns")
+    assert row is not None
+    assert tuple(row) == ("CANCELLED", "DEADLINE_EXCEEDED", partial)
 
 
 async def test_continue_with_the_client_gone_completes_and_persists_the_turn(
