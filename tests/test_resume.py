@@ -571,6 +571,57 @@ async def test_watch_conversation_streams_each_new_turn_to_every_watcher(
     assert seen == [["second"]] * 3
 
 
+async def _stream_reads(redis: aioredis.Redis) -> int:
+    """XREAD and XRANGE commands Redis has served so far (on every node of a cluster)."""
+    if isinstance(redis, RedisClusterClient):
+        per_node = await redis.info("commandstats", target_nodes=RedisClusterClient.ALL_NODES)
+        stats = [node for node in per_node.values() if isinstance(node, dict)]
+    else:
+        stats = [await redis.info("commandstats")]
+    names = ("cmdstat_xread", "cmdstat_xrange")
+    return sum(int(node[name]["calls"]) for node in stats for name in names if name in node)
+
+
+async def test_many_watchers_of_a_conversation_cost_redis_the_reads_of_one(
+    replicas: Replicas, fake: FakeAnthropic, redis: aioredis.Redis
+) -> None:
+    """A server process reads a watched conversation once for all its watchers: 50 watchers on
+    the other replica cost Redis the stream reads of one."""
+    fake.script(Stream(["first"]), Stream(_WORDS, delay_s=0.01), Stream(_WORDS, delay_s=0.01))
+    async with _stub(replicas.addresses[0]) as stub, _stub(replicas.addresses[1]) as other:
+        first = Received()
+        await _read(stub.Chat(pb.ChatRequest(text="one")), first, events=1000)
+        conversation = first.turn.rsplit("/turns/", 1)[0]
+
+        async def reads_of_a_turn_watched_by(watchers: int) -> int:
+            calls = [
+                other.WatchConversation(pb.WatchConversationRequest(conversation=conversation))
+                for _ in range(watchers)
+            ]
+
+            async def until_completed(call: AsyncIterable[pb.ChatResponse]) -> None:
+                async for response in call:
+                    if response.event.HasField("completed"):
+                        return
+
+            following = [asyncio.ensure_future(until_completed(call)) for call in calls]
+            await asyncio.sleep(0.5)  # every watcher is in; the reader waits for the next turn
+            before = await _stream_reads(redis)
+            turn = stub.Chat(pb.ChatRequest(conversation=conversation, text="next"))
+            await _read(turn, Received(), events=1000)
+            await asyncio.wait_for(asyncio.gather(*following), timeout=10)
+            spent = await _stream_reads(redis) - before
+            for call in calls:
+                call.cancel()
+            return spent
+
+        one = await reads_of_a_turn_watched_by(1)
+        many = await reads_of_a_turn_watched_by(50)
+    assert one > 0
+    # One reader per watcher would be 50 times as many.
+    assert many <= 2 * one + 5, (one, many)
+
+
 async def test_the_sdk_resumes_by_itself_after_a_cut_connection(
     replicas: Replicas, fake: FakeAnthropic
 ) -> None:
