@@ -265,6 +265,35 @@ async def test_resume_after_the_live_log_expired_is_served_from_postgresql(
     assert received.completed.status == pb.TURN_STATUS_COMPLETED
 
 
+async def test_a_resume_point_the_bounded_live_log_no_longer_holds_is_served_from_postgresql(
+    settings: Settings, fake: FakeAnthropic, redis: aioredis.Redis
+) -> None:
+    """The live log keeps a turn's last CHATSTREAM_LIVE_MAXLEN events (at least): a watcher whose
+    resume point was trimmed away gets exactly the rest, from PostgreSQL once the turn ended."""
+    words = [f"t{i:03d} " for i in range(400)]
+    fake.script(Stream(words, delay_s=0.005))
+    with _replicas(settings, CHATSTREAM_LIVE_MAXLEN="10") as bounded:
+        producer = Received()
+        async with _stub(bounded.addresses[0]) as stub:
+            call = stub.Chat(pb.ChatRequest(text="a long one"))
+            await _read(call, producer, events=6)
+            turn_id = _turn_id(producer.turn)
+
+            async def trimmed() -> bool:
+                first = await live.first_seq(redis, turn_id)
+                return first is not None and first > producer.last_seq + 1
+
+            await eventually(trimmed, timeout_s=10, what="the live log to be trimmed past the resume point")
+            watcher = Received(turn=producer.turn, text=producer.text, start_offset=0)
+            watcher.seqs = [producer.last_seq]
+            await _watch(bounded.addresses[1], watcher)
+            await _read(call, producer, events=10_000)
+    assert watcher.text == producer.text == "".join(words)
+    watcher.assert_no_repeats()
+    assert watcher.completed is not None
+    assert watcher.completed.status == pb.TURN_STATUS_COMPLETED
+
+
 async def test_cancel_turn_on_the_other_replica_closes_the_upstream_and_keeps_the_partial_text(
     replicas: Replicas, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
