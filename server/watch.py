@@ -244,9 +244,13 @@ class ConversationHub:
                 await asyncio.sleep(1)
 
     async def _follow_turn(self, conversation_id: uuid.UUID, turn_id: uuid.UUID) -> None:
+        # The watchers there when the turn is known get all of it, from its start; one that
+        # joins while it streams waits for the next turn, as one that starts a reader does.
+        receivers = set(self._watchers.get(conversation_id, ()))
         async for batch in live.follow(self._redis, turn_id, 0, block_ms=_SILENCE_MS * 5):
+            watching = self._watchers.get(conversation_id, set())
             for item in batch:
-                for queue in self._watchers.get(conversation_id, ()):
+                for queue in receivers & watching:
                     queue.put_nowait(item)
             if batch and isinstance(batch[-1].event, TurnCompleted):
                 return

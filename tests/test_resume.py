@@ -600,6 +600,53 @@ async def test_watch_conversation_streams_each_new_turn_to_every_watcher(
     assert seen == [["second"]] * 3
 
 
+async def test_a_conversation_watcher_that_joins_mid_turn_gets_whole_turns_only(
+    replicas: Replicas, fake: FakeAnthropic
+) -> None:
+    """WatchConversation sends turns that start after the call, each from its `started`: a watcher
+    that joins while its process already follows a turn for another watcher does not get that
+    turn's tail, whose deltas it could not place."""
+    fake.script(Stream(["first"]), Stream(_WORDS, delay_s=0.03), Stream(["third"]))
+    async with _stub(replicas.addresses[0]) as stub, _stub(replicas.addresses[1]) as other:
+        first = Received()
+        await _read(stub.Chat(pb.ChatRequest(text="one")), first, events=1000)
+        conversation = first.turn.rsplit("/turns/", 1)[0]
+        request = pb.WatchConversationRequest(conversation=conversation)
+        early = other.WatchConversation(request)
+        seen: dict[str, list[pb.TurnEvent]] = {"early": [], "late": []}
+
+        async def follow(name: str, call: AsyncIterable[pb.ChatResponse], turns: int) -> None:
+            async for response in call:
+                seen[name].append(response.event)
+                if response.event.HasField("completed"):
+                    turns -= 1
+                    if turns == 0:
+                        return
+
+        following = [asyncio.ensure_future(follow("early", early, 2))]
+        await asyncio.sleep(0.5)  # the process's reader waits for the next turn
+        second = Received()
+        call = stub.Chat(pb.ChatRequest(conversation=conversation, text="two"))
+        await _read(call, second, events=6)
+        # The second watcher joins while the process's reader follows the second turn.
+        late = other.WatchConversation(request)
+        following.append(asyncio.ensure_future(follow("late", late, 1)))
+        await asyncio.sleep(0.3)
+        await _read(call, second, events=1000)
+        third = Received()
+        await _read(stub.Chat(pb.ChatRequest(conversation=conversation, text="three")), third, events=1000)
+        await asyncio.wait_for(asyncio.gather(*following), timeout=10)
+        early.cancel()
+        late.cancel()
+    kinds = [event.WhichOneof("kind") for event in seen["late"]]
+    assert kinds == ["started", "text_delta", "completed"], kinds
+    assert seen["late"][0].started.turn == third.turn
+    assert [event.started.turn for event in seen["early"] if event.HasField("started")] == [
+        second.turn,
+        third.turn,
+    ]
+
+
 async def _stream_reads(redis: aioredis.Redis) -> int:
     """XREAD and XRANGE commands Redis has served so far (on every node of a cluster)."""
     if isinstance(redis, RedisClusterClient):
