@@ -46,6 +46,8 @@ from bench.common import (
 from bench.procs import Child, Procs, Sampler, listener_pid, log_tail, wait_until
 
 PHASES = ("P1", "P2", "P3", "P4", "P5", "P6")
+EXTRA_PHASES = ("PL",)
+"""Run only when named in ``--only``: PL, the live log's cost (issue 11), on against off."""
 BIN = Path(PYTHON).parent
 ADMISSION_OFF = {"CHATSTREAM_ADMISSION_MAX_LAG_MS": "0", "CHATSTREAM_ADMISSION_MAX_CPU": "0"}
 
@@ -102,6 +104,11 @@ class Config:
     """Streams one chatstream serve carries; None takes P3's highest passing count (else 100)."""
     p6_duration: float = 30.0
     p6_ramp: float = 10.0
+    # PL: P1's load, then streams of turns paced at P3's rate, live log on against off.
+    pl_paced_streams: int = 100
+    pl_paced_tokens: int = 100
+    pl_paced_warmup: float = 2.0
+    pl_paced_window: float = 8.0
     profile: bool = True
     profile_p5: bool = True
     profile_window: float = 10.0
@@ -109,9 +116,10 @@ class Config:
     @classmethod
     def build(cls, args: argparse.Namespace) -> Config:
         phases = set(PHASES) if not args.only else {p.strip().upper() for p in args.only.split(",")}
-        unknown = phases - set(PHASES)
+        unknown = phases - set(PHASES) - set(EXTRA_PHASES)
         if unknown:
-            raise SystemExit(f"--only: unknown phases {sorted(unknown)}; choose from {', '.join(PHASES)}")
+            choices = ", ".join(PHASES + EXTRA_PHASES)
+            raise SystemExit(f"--only: unknown phases {sorted(unknown)}; choose from {choices}")
         cfg = cls(quick=args.quick, phases=phases)
         if args.quick:
             cfg.reps = 1
@@ -121,6 +129,7 @@ class Config:
             cfg.p4_warmup, cfg.p4_window = 1.5, 4.0
             cfg.p5_turns = 2_000
             cfg.p6_duration, cfg.p6_ramp = 10.0, 3.0
+            cfg.pl_paced_warmup, cfg.pl_paced_window = 1.5, 5.0
             cfg.profile = False  # the P5 consumer is still profiled: that costs no extra run
         if args.reps is not None:
             cfg.reps = max(args.reps, 1)
@@ -708,6 +717,67 @@ class Bench:
             f"rows {run['rows']}; floor gap p99 {floor['gap_p99_ms']} ms, errors {floor['errors'] or 0}"
         )
 
+    def phase_pl(self) -> None:
+        """The live log's cost (issue 11): the server as shipped against one with it off, in one run.
+
+        A second ``chatstream serve`` with ``CHATSTREAM_LIVE_LOG=false`` beside the first; each
+        rep runs P1's load on both, then streams of turns paced at P3's rate (20 tokens/s) on
+        both, in alternating order. Reported: P1 tokens/s on ÷ off per rep (goal >= 0.9), and
+        server CPU per delivered token of both loads.
+        """
+        cfg = self.cfg
+        log(
+            f"PL: live log on against off: P1 ({cfg.p1_streams} x {cfg.p1_tokens} tokens) and "
+            f"{cfg.pl_paced_streams} streams at {cfg.p3_rate:g} tokens/s, {cfg.reps} reps"
+        )
+        address = f"127.0.0.1:{free_port()}"
+        env = self.ours_env(CHATSTREAM_LISTEN=address, CHATSTREAM_LIVE_LOG="false")
+        server = self.procs.start("chatstream-serve-live-off", [str(BIN / "chatstream"), "serve"], env)
+        runs: list[dict[str, Any]] = []
+        try:
+            wait_until(lambda: _grpc_health(address), timeout_s=60, what="serve (live log off)", child=server)
+            systems = {"on": self.systems["chatstream"], "off": System("chatstream", "grpc", address, server)}
+            for rep in range(cfg.reps):
+                modes = ("on", "off") if rep % 2 == 0 else ("off", "on")
+                for mode in modes:
+                    run = self.run_load(
+                        systems[mode],
+                        label=f"pl-p1-{mode}",
+                        streams=cfg.p1_streams,
+                        clients=cfg.p1_clients,
+                        tokens=cfg.p1_tokens,
+                        rate=0,
+                        warmup=cfg.p1_warmup,
+                        window=cfg.p1_window,
+                        ramp=cfg.p1_warmup,
+                        drain=0.5,
+                    )
+                    runs.append({**run, "rep": rep, "mode": mode, "load": "p1"})
+                for mode in modes:
+                    run = self.run_load(
+                        systems[mode],
+                        label=f"pl-20-{mode}",
+                        streams=cfg.pl_paced_streams,
+                        clients=2,
+                        tokens=cfg.pl_paced_tokens,
+                        rate=cfg.p3_rate,
+                        warmup=cfg.pl_paced_warmup,
+                        window=cfg.pl_paced_window,
+                        ramp=cfg.pl_paced_warmup,
+                        drain=0.5,
+                    )
+                    runs.append({**run, "rep": rep, "mode": mode, "load": "paced"})
+        finally:
+            self.procs.stop(server)
+        self.results["PL"] = summarize_pl(runs, cfg.reps)
+        result = self.results["PL"]
+        log(
+            f"  PL: P1 tokens/s on/off {result['p1_ratio']} "
+            f"(median {result['p1_ratio_median']}, goal >= 0.9); "
+            f"server CPU per token at P1 {result['p1_cpu_us_per_token']}, "
+            f"at {cfg.p3_rate:g} tokens/s {result['paced_cpu_us_per_token']}"
+        )
+
     def p6_run(self, system: System, streams: int, tokens: int) -> dict[str, Any]:
         cfg = self.cfg
         duration = tokens / cfg.p3_rate
@@ -1007,6 +1077,7 @@ class Bench:
                     ("P3", self.phase_p3),
                     ("P4", self.phase_p4),
                     ("P6", self.phase_p6),
+                    ("PL", self.phase_pl),
                 ]
                 if cfg.profile:
                     steps += [("P1", lambda: self.profile("P1")), ("P4", lambda: self.profile("P4"))]
@@ -1174,6 +1245,37 @@ def summarize_p1(runs: list[dict[str, Any]], reps: int) -> dict[str, Any]:
     }
 
 
+def summarize_pl(runs: list[dict[str, Any]], reps: int) -> dict[str, Any]:
+    """PL's figures: P1 tokens/s on ÷ off per rep, and medians of server CPU per token."""
+
+    def pick(load: str, mode: str, key: str) -> list[Any]:
+        return [r.get(key) for r in runs if r["load"] == load and r["mode"] == mode]
+
+    ratios = []
+    for rep in range(reps):
+        rate = {r["mode"]: r["tokens_per_s"] for r in runs if r["rep"] == rep and r["load"] == "p1"}
+        if rate.get("on") and rate.get("off"):
+            ratios.append(rate["on"] / rate["off"])
+    ratio = median(ratios)
+    return {
+        "p1_ratio": [round(x, 3) for x in ratios],
+        "p1_ratio_median": _round(ratio, 3),
+        "p1_tokens_per_s": {mode: pick("p1", mode, "tokens_per_s") for mode in ("on", "off")},
+        "p1_cpu_us_per_token": {
+            mode: median(pick("p1", mode, "server_cpu_us_per_token")) for mode in ("on", "off")
+        },
+        "paced_cpu_us_per_token": {
+            mode: median(pick("paced", mode, "server_cpu_us_per_token")) for mode in ("on", "off")
+        },
+        "paced_gap_p99_ms": {mode: median(pick("paced", mode, "gap_p99_ms")) for mode in ("on", "off")},
+        "errors": sum(sum(r["errors"].values()) for r in runs),
+        "bad_text": sum(r["bad_text"] for r in runs),
+        "other_cpu_share": [r.get("other_cpu_share") for r in runs],
+        "met": ratio is not None and ratio >= 0.9,
+        "runs": runs,
+    }
+
+
 def summarize_p2(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over runs of the probes' percentiles (each run's p50/p99, then the median of those)."""
     out: dict[str, Any] = {"runs": runs}
@@ -1336,7 +1438,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="chatstream benchmark: P1-P5 side by side with the gRPC floor and the SSE peer.",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 rep (~2.5 min)")
-    parser.add_argument("--only", help="comma-separated phases, e.g. P1,P2")
+    parser.add_argument(
+        "--only",
+        help="comma-separated phases, e.g. P1,P2; PL (the live log on against off) runs only when named",
+    )
     parser.add_argument("--reps", type=int, help="repetitions of P1, P2 and P4 (default 3; 1 with --quick)")
     parser.add_argument("--p3-streams", type=int, help="P3's concurrent streams (default 1000)")
     parser.add_argument(

@@ -86,6 +86,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             "checks": p6["checks"],
             "met": p6["met"],
         }
+    if pl := results.get("PL"):
+        out["PL"] = {k: v for k, v in pl.items() if k not in ("runs", "other_cpu_share")}
     for phase, prof in results.get("profiles", {}).items():
         out[f"profile_{phase}_top_self"] = prof.get("top_self", [])[:5]
     if results.get("failures"):

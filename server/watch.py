@@ -66,18 +66,15 @@ class TurnWatcher:
     async def follow(self, turn: Turn, *, after_seq: int, after_offset: int, emit: Emit) -> None:
         """Sends every event of ``turn`` after ``after_seq``, then follows it live until its end."""
         seq, offset = after_seq, after_offset
+        # Whether ``offset`` is known to be where the caller is in the reply: it said so, or it
+        # has no text yet. Then a log entry that starts past it means text the log no longer
+        # holds; numbers that skip alone do not (the log's writer joins deltas as well).
+        placed = after_offset > 0 or after_seq <= 1
         if turn.status.terminal and turn.last_seq is not None and seq >= turn.last_seq:
             return  # the caller has every event already, the terminal one included
         if (self._live_log and not turn.status.terminal) or await self._live_covers(turn, seq):
             try:
                 async for batch in live.follow(self._redis, turn.id, seq, block_ms=_SILENCE_MS):
-                    if (
-                        batch
-                        and batch[0].seq > seq + 1
-                        and seq > 0
-                        and not isinstance(batch[0].event, TurnCompleted)
-                    ):
-                        break  # trimmed past our resume point: the end comes from PostgreSQL
                     if not batch:
                         turn = await self._reload(turn)
                         if turn.status.terminal:
@@ -86,9 +83,13 @@ class TurnWatcher:
                             # a log that lost entries we saw), so it comes from PostgreSQL.
                             break
                         continue
+                    lost = False
                     for item in batch:
                         if item.seq <= seq:
                             continue
+                        if await self._lost_before(turn, item, seq=seq, offset=offset, placed=placed):
+                            lost = True
+                            break
                         if seq == 0 and not isinstance(item.event, TurnStarted):
                             # The log never got the turn's first event (its producer died
                             # before writing it): the stream opens with one all the same.
@@ -100,6 +101,9 @@ class TurnWatcher:
                         await emit(unseen)
                         if isinstance(unseen.event, TextDelta):
                             offset = unseen.event.offset + len(unseen.event.text)
+                            placed = True
+                    if lost:
+                        break  # the log lacks what comes next (trimmed, or lost): PostgreSQL has it
                     if isinstance(batch[-1].event, TurnCompleted):
                         return
             except _REDIS_ERRORS as exc:
@@ -155,6 +159,20 @@ class TurnWatcher:
             await asyncio.sleep(_SILENCE_MS / 1000)
             turn = await self._reload(turn)
         return turn
+
+    async def _lost_before(self, turn: Turn, item: Sequenced, *, seq: int, offset: int, placed: bool) -> bool:
+        """Whether the log lacks events between the caller's position and ``item``, the next it holds.
+
+        The log's numbers skip where its writer joined deltas into one entry, numbered as the
+        last of them, so a skip alone loses nothing: what tells is an entry whose text starts
+        past the caller's offset. A caller not yet placed in the reply (it gave no offset) is
+        placed by whether the log still starts at or before its resume point.
+        """
+        if item.seq == seq + 1 or isinstance(item.event, TurnCompleted):
+            return False
+        if placed:
+            return isinstance(item.event, TextDelta) and item.event.offset > offset
+        return not await self._live_covers(turn, seq)
 
     async def _live_covers(self, turn: Turn, after_seq: int) -> bool:
         """Whether the live log still holds everything after ``after_seq``."""
@@ -226,9 +244,13 @@ class ConversationHub:
                 await asyncio.sleep(1)
 
     async def _follow_turn(self, conversation_id: uuid.UUID, turn_id: uuid.UUID) -> None:
+        # The watchers there when the turn is known get all of it, from its start; one that
+        # joins while it streams waits for the next turn, as one that starts a reader does.
+        receivers = set(self._watchers.get(conversation_id, ()))
         async for batch in live.follow(self._redis, turn_id, 0, block_ms=_SILENCE_MS * 5):
+            watching = self._watchers.get(conversation_id, set())
             for item in batch:
-                for queue in self._watchers.get(conversation_id, ()):
+                for queue in receivers & watching:
                     queue.put_nowait(item)
             if batch and isinstance(batch[-1].event, TurnCompleted):
                 return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,14 +19,16 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from chatstream import AsyncChatClient, ChatClient, TurnStatus
+from chatstream import AsyncChatClient, ChatClient, ChatClientError, TurnStatus
 from chatstream.v1 import chat_service_pb2 as pb
 from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
+from server import live
 from server.config import Settings
 from server.consumer.relay import Relay
 from server.db.engine import Database
+from server.domain import TextDelta
 from server.publisher import TurnPublisher
 from server.redis_client import create_redis
 from tests.conftest import Consume, eventually
@@ -206,6 +209,44 @@ async def test_a_watcher_resuming_inside_a_log_entry_gets_the_text_from_its_offs
     assert watcher.completed is not None
 
 
+async def test_a_watcher_resuming_before_a_log_entry_of_joined_deltas_follows_it_live(
+    replicas: Replicas, fake: FakeAnthropic, redis: aioredis.Redis, db: asyncpg.Connection
+) -> None:
+    """The live log's writer joins the deltas that pile up while a pipeline is in flight into
+    one entry, numbered as the last of them: the log's numbers skip, and a watcher whose next
+    entry is such a one has lost nothing. It follows the turn live, not only once it ended."""
+    words = [f"v{i:02d} " for i in range(60)]
+    fake.script(Stream(words, delay_s=0.05))
+    producer = Received()
+    async with _stub(replicas.addresses[0]) as stub:
+        call = stub.Chat(pb.ChatRequest(text="in bursts"))
+        await _read(call, producer, events=4)
+        # Writes wait for a while, as behind a slow Redis: the deltas meanwhile become one entry.
+        await _pause_writes(redis, timeout_s=0.6)
+        await asyncio.sleep(0.9)
+        entries = await live.read_after(redis, _turn_id(producer.turn), 0)
+        gaps = [a for a, b in itertools.pairwise(entries) if b.seq > a.seq + 1 and a.seq > 1]
+        assert gaps, [entry.seq for entry in entries]
+        assert isinstance(gaps[0].event, TextDelta)
+        after_seq, after_offset = gaps[0].seq, gaps[0].event.offset + len(gaps[0].event.text)
+        watcher = Received(text="".join(words)[:after_offset], start_offset=0)
+        watcher.seqs = [after_seq]
+        async with _stub(replicas.addresses[1]) as other:
+            watch = other.WatchTurn(
+                pb.WatchTurnRequest(turn=producer.turn, after_seq=after_seq, after_offset=after_offset)
+            )
+            await _read(watch, watcher, events=len(watcher.seqs) + 1)
+            # The turn has more than a second of its reply to go: this came live.
+            assert await db.fetchval("SELECT status FROM chat.turns") == "STREAMING"
+            await _read(watch, watcher, events=1000)
+        await _read(call, producer, events=1000)
+    assert watcher.text == producer.text == "".join(words)
+    watcher.assert_no_repeats()
+    assert watcher.completed is not None
+    # Followed live: one event per later entry, not the rest in one piece from PostgreSQL.
+    assert len(watcher.seqs) > 4, watcher.seqs
+
+
 async def test_resume_after_the_live_log_expired_is_served_from_postgresql(
     settings: Settings, fake: FakeAnthropic
 ) -> None:
@@ -224,6 +265,35 @@ async def test_resume_after_the_live_log_expired_is_served_from_postgresql(
     assert received.completed.status == pb.TURN_STATUS_COMPLETED
 
 
+async def test_a_resume_point_the_bounded_live_log_no_longer_holds_is_served_from_postgresql(
+    settings: Settings, fake: FakeAnthropic, redis: aioredis.Redis
+) -> None:
+    """The live log keeps a turn's last CHATSTREAM_LIVE_MAXLEN events (at least): a watcher whose
+    resume point was trimmed away gets exactly the rest, from PostgreSQL once the turn ended."""
+    words = [f"t{i:03d} " for i in range(400)]
+    fake.script(Stream(words, delay_s=0.005))
+    with _replicas(settings, CHATSTREAM_LIVE_MAXLEN="10") as bounded:
+        producer = Received()
+        async with _stub(bounded.addresses[0]) as stub:
+            call = stub.Chat(pb.ChatRequest(text="a long one"))
+            await _read(call, producer, events=6)
+            turn_id = _turn_id(producer.turn)
+
+            async def trimmed() -> bool:
+                first = await live.first_seq(redis, turn_id)
+                return first is not None and first > producer.last_seq + 1
+
+            await eventually(trimmed, timeout_s=10, what="the live log to be trimmed past the resume point")
+            watcher = Received(turn=producer.turn, text=producer.text, start_offset=0)
+            watcher.seqs = [producer.last_seq]
+            await _watch(bounded.addresses[1], watcher)
+            await _read(call, producer, events=10_000)
+    assert watcher.text == producer.text == "".join(words)
+    watcher.assert_no_repeats()
+    assert watcher.completed is not None
+    assert watcher.completed.status == pb.TURN_STATUS_COMPLETED
+
+
 async def test_cancel_turn_on_the_other_replica_closes_the_upstream_and_keeps_the_partial_text(
     replicas: Replicas, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
@@ -232,9 +302,12 @@ async def test_cancel_turn_on_the_other_replica_closes_the_upstream_and_keeps_th
     async with _stub(replicas.addresses[0]) as stub, _stub(replicas.addresses[1]) as other:
         call = stub.Chat(pb.ChatRequest(text="stop me"))
         await _read(call, received, events=3)
+        asked_at = time.monotonic()
         cancelled = await other.CancelTurn(pb.CancelTurnRequest(turn=received.turn))
         assert cancelled.status == pb.TURN_STATUS_CANCELLED
-        await fake.wait_for_disconnect(timeout=1)
+        # The fake notes when the producer's upstream request went away: within 1 s of the ask.
+        closed_at = await fake.wait_for_disconnect(timeout=1)
+        assert closed_at - asked_at < 1.0, closed_at - asked_at
         await _read(call, received, events=1000)
         again = await other.CancelTurn(pb.CancelTurnRequest(turn=received.turn))
         assert again.status == pb.TURN_STATUS_CANCELLED
@@ -263,7 +336,10 @@ async def test_a_killed_producer_ends_its_watcher_interrupted_with_the_partial_r
             loop = asyncio.get_running_loop()
             killed_at = loop.time()
             await asyncio.wait_for(watching, timeout=_LEASE_S * 4)
-            assert loop.time() - killed_at < _LEASE_S * 4
+            # The lease, renewed until the kill, runs out within _LEASE_S of it; the watcher
+            # looks at the turn's row after each second of silence (server/watch.py).
+            ended_after = loop.time() - killed_at
+            assert ended_after < _LEASE_S + 1.5, ended_after
     assert watcher.completed is not None
     assert watcher.completed.status == pb.TURN_STATUS_INTERRUPTED
     assert watcher.text == "".join(_WORDS[:5])
@@ -277,6 +353,40 @@ async def test_a_killed_producer_ends_its_watcher_interrupted_with_the_partial_r
 
 async def _has_text(received: Received, text: str) -> bool:
     return received.text == text
+
+
+async def _read_text(call: AsyncIterable[pb.ChatResponse], into: Received, text: str) -> None:
+    """Reads until ``into`` holds ``text`` (however the deltas were joined on the way)."""
+    async for response in call:
+        into.add(response.event)
+        if into.text == text:
+            return
+
+
+async def test_the_lease_sweeper_stores_the_partial_reply_of_a_killed_producer(
+    replicas: Replicas, settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection, consume: Consume
+) -> None:
+    """Nobody watches or retries the turn: the relay's lease sweeper alone ends it, with the text
+    its live log held, which reaches chat.messages."""
+    partial = "".join(_WORDS[:5])
+    fake.script(Stream(_WORDS[:5], then="stall", delay_s=0.01))
+    received = Received()
+    async with _stub(replicas.addresses[0]) as stub:
+        await _read_text(stub.Chat(pb.ChatRequest(text="doomed")), received, partial)
+        replicas.processes[0].kill()
+
+    async def expired() -> bool:
+        return bool(await db.fetchval("SELECT lease_expires_at < now() FROM chat.turns"))
+
+    await eventually(expired, timeout_s=_LEASE_S * 3, what="the dead producer's lease to expire")
+    assert await db.fetchval("SELECT status FROM chat.turns") == "STREAMING"
+    assert await _sweep(settings) == 1
+    row = await db.fetchrow("SELECT status, error_reason, assistant_text FROM chat.turns")
+    assert row is not None
+    assert tuple(row) == ("INTERRUPTED", "LEASE_EXPIRED", partial)
+    await consume()
+    messages = await db.fetch("SELECT role, text, turn_status FROM chat.messages ORDER BY role")
+    assert [tuple(r) for r in messages] == [(1, "doomed", "INTERRUPTED"), (2, partial, "INTERRUPTED")]
 
 
 async def test_a_caller_never_holds_text_that_its_killed_producer_could_not_end_with(
@@ -381,6 +491,65 @@ async def _unpause_writes(redis: aioredis.Redis) -> None:
         await redis.client_unpause()
 
 
+async def test_a_retry_on_the_other_replica_attaches_and_a_conflicting_one_is_refused(
+    replicas: Replicas, fake: FakeAnthropic
+) -> None:
+    fake.script(Stream(_WORDS, delay_s=0.03))
+    request = pb.ChatRequest(text="once only", request_id="retry-me")
+    first, retry = Received(), Received()
+    async with _stub(replicas.addresses[0]) as stub, _stub(replicas.addresses[1]) as other:
+        call = stub.Chat(request)
+        await _read(call, first, events=4)
+        # The same key with another message, on the other replica, while the turn streams.
+        with pytest.raises(grpc.aio.AioRpcError) as conflict:
+            await _read(
+                other.Chat(pb.ChatRequest(text="something else", request_id="retry-me")), Received(), events=1
+            )
+        refused = ChatClientError.from_rpc_error(conflict.value)
+        assert (refused.code, refused.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "IDEMPOTENCY_KEY_REUSED")
+        # The same request there attaches to the turn, from its start, while it streams.
+        await _read(other.Chat(request), retry, events=1000)
+        await _read(call, first, events=1000)
+    assert retry.turn == first.turn
+    assert retry.seqs is not None
+    assert retry.seqs[0] == 1
+    retry.assert_no_repeats()
+    assert retry.text == first.text == _REPLY
+    assert retry.completed is not None
+    assert retry.completed.status == pb.TURN_STATUS_COMPLETED
+    assert len(fake.requests) == 1
+
+
+async def test_a_turn_that_continues_without_its_client_ends_at_the_maximum_turn_duration(
+    settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    partial = "".join(_WORDS[:3])
+    fake.script(Stream(_WORDS[:3], then="stall", delay_s=0.01))
+    address, process = _start(settings, CHATSTREAM_MAX_TURN_S="1")
+    try:
+        received = Received()
+        async with _stub(address) as stub:
+            call = stub.Chat(pb.ChatRequest(text="never ends", on_disconnect=pb.ON_DISCONNECT_CONTINUE))
+            await _read_text(call, received, partial)
+            call.cancel()
+        await asyncio.sleep(0.2)
+        # The client is gone and the turn goes on...
+        assert await db.fetchval("SELECT status FROM chat.turns") == "STREAMING"
+        assert fake.disconnects == 0
+        # ...until its maximum duration (1 s from its start), which closes the upstream too.
+        await fake.wait_for_disconnect(timeout=3)
+
+        async def ended() -> bool:
+            return bool(await db.fetchval("SELECT status <> 'STREAMING' FROM chat.turns"))
+
+        await eventually(ended, what="the turn to end")
+    finally:
+        process.close()
+    row = await db.fetchrow("SELECT status, error_reason, assistant_text FROM chat.turns")
+    assert row is not None
+    assert tuple(row) == ("CANCELLED", "DEADLINE_EXCEEDED", partial)
+
+
 async def test_continue_with_the_client_gone_completes_and_persists_the_turn(
     replicas: Replicas, fake: FakeAnthropic, db: asyncpg.Connection, consume: Consume
 ) -> None:
@@ -429,6 +598,104 @@ async def test_watch_conversation_streams_each_new_turn_to_every_watcher(
         for call in watchers:
             call.cancel()
     assert seen == [["second"]] * 3
+
+
+async def test_a_conversation_watcher_that_joins_mid_turn_gets_whole_turns_only(
+    replicas: Replicas, fake: FakeAnthropic
+) -> None:
+    """WatchConversation sends turns that start after the call, each from its `started`: a watcher
+    that joins while its process already follows a turn for another watcher does not get that
+    turn's tail, whose deltas it could not place."""
+    fake.script(Stream(["first"]), Stream(_WORDS, delay_s=0.03), Stream(["third"]))
+    async with _stub(replicas.addresses[0]) as stub, _stub(replicas.addresses[1]) as other:
+        first = Received()
+        await _read(stub.Chat(pb.ChatRequest(text="one")), first, events=1000)
+        conversation = first.turn.rsplit("/turns/", 1)[0]
+        request = pb.WatchConversationRequest(conversation=conversation)
+        early = other.WatchConversation(request)
+        seen: dict[str, list[pb.TurnEvent]] = {"early": [], "late": []}
+
+        async def follow(name: str, call: AsyncIterable[pb.ChatResponse], turns: int) -> None:
+            async for response in call:
+                seen[name].append(response.event)
+                if response.event.HasField("completed"):
+                    turns -= 1
+                    if turns == 0:
+                        return
+
+        following = [asyncio.ensure_future(follow("early", early, 2))]
+        await asyncio.sleep(0.5)  # the process's reader waits for the next turn
+        second = Received()
+        call = stub.Chat(pb.ChatRequest(conversation=conversation, text="two"))
+        await _read(call, second, events=6)
+        # The second watcher joins while the process's reader follows the second turn.
+        late = other.WatchConversation(request)
+        following.append(asyncio.ensure_future(follow("late", late, 1)))
+        await asyncio.sleep(0.3)
+        await _read(call, second, events=1000)
+        third = Received()
+        await _read(stub.Chat(pb.ChatRequest(conversation=conversation, text="three")), third, events=1000)
+        await asyncio.wait_for(asyncio.gather(*following), timeout=10)
+        early.cancel()
+        late.cancel()
+    kinds = [event.WhichOneof("kind") for event in seen["late"]]
+    assert kinds == ["started", "text_delta", "completed"], kinds
+    assert seen["late"][0].started.turn == third.turn
+    assert [event.started.turn for event in seen["early"] if event.HasField("started")] == [
+        second.turn,
+        third.turn,
+    ]
+
+
+async def _stream_reads(redis: aioredis.Redis) -> int:
+    """XREAD and XRANGE commands Redis has served so far (on every node of a cluster)."""
+    if isinstance(redis, RedisClusterClient):
+        per_node = await redis.info("commandstats", target_nodes=RedisClusterClient.ALL_NODES)
+        stats = [node for node in per_node.values() if isinstance(node, dict)]
+    else:
+        stats = [await redis.info("commandstats")]
+    names = ("cmdstat_xread", "cmdstat_xrange")
+    return sum(int(node[name]["calls"]) for node in stats for name in names if name in node)
+
+
+async def test_many_watchers_of_a_conversation_cost_redis_the_reads_of_one(
+    replicas: Replicas, fake: FakeAnthropic, redis: aioredis.Redis
+) -> None:
+    """A server process reads a watched conversation once for all its watchers: 50 watchers on
+    the other replica cost Redis the stream reads of one."""
+    fake.script(Stream(["first"]), Stream(_WORDS, delay_s=0.01), Stream(_WORDS, delay_s=0.01))
+    async with _stub(replicas.addresses[0]) as stub, _stub(replicas.addresses[1]) as other:
+        first = Received()
+        await _read(stub.Chat(pb.ChatRequest(text="one")), first, events=1000)
+        conversation = first.turn.rsplit("/turns/", 1)[0]
+
+        async def reads_of_a_turn_watched_by(watchers: int) -> int:
+            calls = [
+                other.WatchConversation(pb.WatchConversationRequest(conversation=conversation))
+                for _ in range(watchers)
+            ]
+
+            async def until_completed(call: AsyncIterable[pb.ChatResponse]) -> None:
+                async for response in call:
+                    if response.event.HasField("completed"):
+                        return
+
+            following = [asyncio.ensure_future(until_completed(call)) for call in calls]
+            await asyncio.sleep(0.5)  # every watcher is in; the reader waits for the next turn
+            before = await _stream_reads(redis)
+            turn = stub.Chat(pb.ChatRequest(conversation=conversation, text="next"))
+            await _read(turn, Received(), events=1000)
+            await asyncio.wait_for(asyncio.gather(*following), timeout=10)
+            spent = await _stream_reads(redis) - before
+            for call in calls:
+                call.cancel()
+            return spent
+
+        one = await reads_of_a_turn_watched_by(1)
+        many = await reads_of_a_turn_watched_by(50)
+    assert one > 0
+    # One reader per watcher would be 50 times as many.
+    assert many <= 2 * one + 5, (one, many)
 
 
 async def test_the_sdk_resumes_by_itself_after_a_cut_connection(

@@ -11,6 +11,8 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, ChatClientError, TurnStatus
+from chatstream.v1 import chat_service_pb2 as pb
+from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.config import Settings
@@ -70,6 +72,44 @@ async def test_sigterm_drains_the_server_and_records_streams_cut_by_the_grace_pe
     rows = await db.fetch("SELECT user_text, status, assistant_text FROM chat.turns ORDER BY user_text")
     assert [tuple(r) for r in rows] == [
         ("this one ends in time", "COMPLETED", "quick one"),
+        ("this one never ends", "CANCELLED", "stuck"),
+    ]
+
+
+async def test_sigterm_drains_turns_that_continue_without_their_client(
+    settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """ON_DISCONNECT_CONTINUE turns have no call for the gRPC server's grace to wait for: the
+    shutdown lets them finish within the grace period like any other, then cancels the rest."""
+    address = f"127.0.0.1:{free_port()}"
+    env = settings_env(
+        settings,
+        CHATSTREAM_LISTEN=address,
+        CHATSTREAM_SHUTDOWN_GRACE_S="3",
+        CHATSTREAM_SHUTDOWN_DRAIN_S="0.3",
+    )
+    process = ChatstreamProcess(["serve"], env)
+    try:
+        wait_for_port(address, process=process)
+        fake.script(Stream(["stuck"], then="stall"), Stream(["slow ", "but ", "in ", "time"], delay_s=0.3))
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.ChatServiceStub(channel)
+            for text, events in (("this one never ends", 2), ("this one ends in time", 1)):
+                call = stub.Chat(pb.ChatRequest(text=text, on_disconnect=pb.ON_DISCONNECT_CONTINUE))
+                for _ in range(events):
+                    await call.read()
+                call.cancel()  # the client leaves; the turn goes on
+        await fake.wait_for_requests(2, timeout=5)
+        assert await db.fetchval("SELECT count(*) FROM chat.turns WHERE status = 'STREAMING'") == 2
+        signalled_at = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.process.wait, 15) == 0
+        assert time.monotonic() - signalled_at < 10
+    finally:
+        process.close()
+    rows = await db.fetch("SELECT user_text, status, assistant_text FROM chat.turns ORDER BY user_text")
+    assert [tuple(r) for r in rows] == [
+        ("this one ends in time", "COMPLETED", "slow but in time"),
         ("this one never ends", "CANCELLED", "stuck"),
     ]
 

@@ -266,10 +266,13 @@ class ChatServiceServicer:
         `CHATSTREAM_LIVE_TTL_S` (default 5 minutes) after its last event, its events
         come from the turn's live log in Redis, numbered as the producer numbered them.
         After that, and whenever the live log is gone, they come from PostgreSQL: the
-        stored text after `after_offset` as one `text_delta`, then `completed`. Either
-        way a client that resumes from the last `seq` and offset it saw ends up with
-        exactly the whole reply, nothing missing and nothing repeated. Events are in
-        the order they were produced; `seq` increases and may skip numbers.
+        stored text after `after_offset` as one `text_delta`, then `completed`. The live
+        log keeps at least a turn's last `CHATSTREAM_LIVE_MAXLEN` events (10,000 by
+        default): a resume point older than those is served from PostgreSQL too, once
+        the turn has ended. Either way a client that resumes from the last `seq` and
+        offset it saw ends up with exactly the whole reply, nothing missing and nothing
+        repeated. Events are in the order they were produced; `seq` increases and may
+        skip numbers.
 
         If the producing server dies, the turn ends INTERRUPTED (with the text its live
         log kept) within the lease (`CHATSTREAM_TURN_LEASE_S`, 30 s by default), and so
