@@ -226,6 +226,7 @@ class ChatServer:
             publisher=publisher,
             live_log=settings.turns.live_log,
             live_ttl_s=settings.turns.live_ttl_s,
+            lease_s=settings.turns.turn_lease_s,
         )
         runner = TurnRunner(
             database=database,

@@ -23,6 +23,8 @@ Exception tree, with the reasons each sends (``ErrorReason`` without its prefix)
     │       └── OverloadedError           SERVER_OVERLOADED: this process sheds new turns (server/load.py)
     └── InternalError                 INTERNAL: generic message, details only in logs
 
+    ClientGoneError                   not a ChatError: nobody is left to send a status to
+
 A reason is an ``ErrorReason`` value of the generated proto module, never a string typed
 here, so the server can send only reasons the contract lists.
 """
@@ -246,3 +248,8 @@ __all__ = [
     "is_database_outage",
     "reason_name",
 ]
+
+
+class ClientGoneError(Exception):
+    """The call's receiver is gone: an event could not be written (disconnect, reset, cancel,
+    a client that accepts no write for ``CHATSTREAM_WRITE_TIMEOUT_S``, a watcher far behind)."""

@@ -250,8 +250,15 @@ class Producer:
             model=stored.model,
             error_reason=ending.error_reason if stored.status is ending.status else "LEASE_EXPIRED",
         )
-        # The starting call gets a failure as its status; watchers get the terminal event.
-        emit(Sequenced(stored.last_seq or ending.last_seq, terminal), caller=error is None)
+        if stored.status is ending.status:
+            # The starting call gets a failure as its status; watchers get the terminal event.
+            emit(Sequenced(stored.last_seq or ending.last_seq, terminal), caller=error is None)
+        elif error is None:
+            # A sweeper ended the turn while it still produced (this process was frozen, or
+            # cut off from PostgreSQL, past the lease). The live log already ends with the
+            # sweeper's terminal event, numbered after what the log held, which may be before
+            # what this caller was sent: the caller gets its own, after its last event.
+            production.outbox.put(Sequenced(production.seq + 1, terminal))
         production.outbox.close(error)
 
     async def _finish(self, production: Production, history: list[Exchange], ending: TurnEnding) -> Turn:

@@ -17,9 +17,9 @@ from server.auth import Authenticator
 from server.config import Settings
 from server.conversations import ConversationService
 from server.domain import Sequenced
-from server.errors import InvalidArgumentError
+from server.errors import ClientGoneError, InvalidArgumentError
 from server.grpc_errors import abort_on_error
-from server.turns import ChatInput, ClientGoneError, Emit, TurnRunner
+from server.turns import ChatInput, Emit, TurnRunner
 from server.watch import ConversationHub, TurnWatcher
 
 logger = logging.getLogger(__name__)

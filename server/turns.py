@@ -31,7 +31,13 @@ from server.db import turn_store
 from server.db.engine import Database
 from server.db.turn_store import Busy, ConversationNotFound, Existing, Started, TurnRequest
 from server.domain import Sequenced, TextDelta, Turn, TurnStarted, TurnStatus
-from server.errors import DeadlineExceededError, IdempotencyKeyReusedError, NotFoundError, TurnInProgressError
+from server.errors import (
+    ClientGoneError,
+    DeadlineExceededError,
+    IdempotencyKeyReusedError,
+    NotFoundError,
+    TurnInProgressError,
+)
 from server.leases import TurnLeases, interrupt_expired
 from server.logs import bind_log_fields, unbind_log_fields
 from server.metrics import Metrics
@@ -39,10 +45,6 @@ from server.production import Producer, Production
 from server.watch import TurnWatcher, replay_events
 
 logger = logging.getLogger(__name__)
-
-
-class ClientGoneError(Exception):
-    """The call's receiver is gone: an event could not be written (disconnect, reset, cancel)."""
 
 
 Emit = Callable[[Sequenced], Awaitable[None]]

@@ -24,7 +24,7 @@ from server import live
 from server.db import lease_store, repository, turn_store
 from server.db.engine import Database
 from server.domain import Sequenced, TextDelta, Turn, TurnCompleted, TurnStarted
-from server.errors import ErrorReason, NotFoundError
+from server.errors import ClientGoneError, ErrorReason, NotFoundError
 from server.leases import interrupt_expired
 from server.publisher import TurnPublisher
 
@@ -35,7 +35,13 @@ Emit = Callable[[Sequenced], Awaitable[None]]
 _REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError)
 # How long a watcher waits on a silent log before it looks at the turn's row.
 _SILENCE_MS: Final = 1000
-_CANCEL_WAIT_S: Final = 10.0
+# A live producer sees a cancel flag within 0.25 s (server/live.py) and stores the turn at
+# once: CancelTurn reads the row this often for a while, then once per silence period.
+_CANCEL_POLL_S: Final = 0.05
+_CANCEL_FAST_POLLS: Final = 40
+# Events a conversation watcher may have waiting: one this far behind is not reading (its
+# writes block), and it is ended rather than kept growing in memory.
+_WATCHER_BACKLOG: Final = 4096
 
 
 class TurnWatcher:
@@ -49,12 +55,14 @@ class TurnWatcher:
         publisher: TurnPublisher,
         live_log: bool,
         live_ttl_s: float,
+        lease_s: float,
     ) -> None:
         self._database = database
         self._redis = redis
         self._publisher = publisher
         self._live_log = live_log
         self._live_ttl_s = live_ttl_s
+        self._lease_s = lease_s
 
     async def watch(
         self, *, owner: str, turn_id: uuid.UUID, after_seq: int, after_offset: int, emit: Emit
@@ -71,7 +79,13 @@ class TurnWatcher:
         # holds; numbers that skip alone do not (the log's writer joins deltas as well).
         placed = after_offset > 0 or after_seq <= 1
         if turn.status.terminal and turn.last_seq is not None and seq >= turn.last_seq:
-            return  # the caller has every event already, the terminal one included
+            if seq == turn.last_seq:
+                return  # the caller has every event already, the terminal one included
+            # Past the stored end: a sweeper ended the turn while its producer still streamed
+            # to this caller. It gets the terminal event, numbered after what it has.
+            for item in replay_events(turn, after_seq=seq, after_offset=offset):
+                await emit(item)
+            return
         if (self._live_log and not turn.status.terminal) or await self._live_covers(turn, seq):
             try:
                 async for batch in live.follow(self._redis, turn.id, seq, block_ms=_SILENCE_MS):
@@ -121,9 +135,13 @@ class TurnWatcher:
         if turn.status.terminal:
             return turn
         await live.request_cancel(self._redis, turn_id, ttl_s=self._live_ttl_s)
-        async with asyncio.timeout(_CANCEL_WAIT_S):
+        # A producer that died cannot see the flag: its turn ends once its lease expires
+        # (``_reload`` ends it INTERRUPTED then), so the wait covers a whole lease.
+        async with asyncio.timeout(self._lease_s + _SILENCE_MS / 1000 + 1):
+            polls = 0
             while not turn.status.terminal:
-                await asyncio.sleep(0.05)
+                polls += 1
+                await asyncio.sleep(_CANCEL_POLL_S if polls <= _CANCEL_FAST_POLLS else _SILENCE_MS / 1000)
                 turn = await self._reload(turn)
         return turn
 
@@ -196,14 +214,15 @@ class ConversationHub:
     def __init__(self, *, database: Database, redis: aioredis.Redis) -> None:
         self._database = database
         self._redis = redis
-        self._watchers: dict[uuid.UUID, set[asyncio.Queue[Sequenced]]] = {}
+        # Each watcher's events; None once it fell too far behind.
+        self._watchers: dict[uuid.UUID, set[asyncio.Queue[Sequenced | None]]] = {}
         self._readers: dict[uuid.UUID, asyncio.Task[None]] = {}
 
     async def watch(self, *, owner: str, conversation_id: uuid.UUID, emit: Emit) -> None:
         """Streams the events of each new turn of the owner's conversation until the call ends."""
         async with self._database.begin("watch conversation") as session:
             await repository.get_conversation(session, owner=owner, conversation_id=conversation_id)
-        queue: asyncio.Queue[Sequenced] = asyncio.Queue()
+        queue: asyncio.Queue[Sequenced | None] = asyncio.Queue(maxsize=_WATCHER_BACKLOG)
         watchers = self._watchers.setdefault(conversation_id, set())
         watchers.add(queue)
         if conversation_id not in self._readers:
@@ -211,11 +230,15 @@ class ConversationHub:
                 self._read(conversation_id), name=f"conversation reader {conversation_id}"
             )
         try:
-            while True:
-                await emit(await queue.get())
+            while (item := await queue.get()) is not None:
+                await emit(item)
+            raise ClientGoneError(f"{_WATCHER_BACKLOG} events behind")
         finally:
             watchers.discard(queue)
-            if not watchers:
+            # The last watcher of this set stops its reader. (Watchers that fell behind leave
+            # the set before they end, so the set may be empty, or replaced by a newer one,
+            # when they get here.)
+            if not watchers and self._watchers.get(conversation_id) is watchers:
                 del self._watchers[conversation_id]
                 reader = self._readers.pop(conversation_id)
                 reader.cancel()
@@ -242,6 +265,11 @@ class ConversationHub:
             except _REDIS_ERRORS as exc:
                 logger.warning("conversation %s: live read failed (%s); retrying", conversation_id, exc)
                 await asyncio.sleep(1)
+            except Exception:
+                # A malformed entry, or a bug: the reader serves every watcher of the
+                # conversation, so it outlives it and goes on with the next turn.
+                logger.exception("conversation %s: live read failed; going on", conversation_id)
+                await asyncio.sleep(1)
 
     async def _follow_turn(self, conversation_id: uuid.UUID, turn_id: uuid.UUID) -> None:
         # The watchers there when the turn is known get all of it, from its start; one that
@@ -251,7 +279,14 @@ class ConversationHub:
             watching = self._watchers.get(conversation_id, set())
             for item in batch:
                 for queue in receivers & watching:
-                    queue.put_nowait(item)
+                    try:
+                        queue.put_nowait(item)
+                    except asyncio.QueueFull:
+                        # It reads nothing: it ends (ClientGoneError), the others go on.
+                        watching.discard(queue)
+                        while not queue.empty():
+                            queue.get_nowait()
+                        queue.put_nowait(None)
             if batch and isinstance(batch[-1].event, TurnCompleted):
                 return
 

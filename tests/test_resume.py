@@ -318,6 +318,30 @@ async def test_cancel_turn_on_the_other_replica_closes_the_upstream_and_keeps_th
     assert _REPLY.startswith(stored)
 
 
+async def test_cancel_turn_of_a_killed_producer_answers_interrupted_once_its_lease_expired(
+    settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """Nothing can stop a dead producer: CancelTurn waits out its lease (longer than a live
+    producer's answer could take) and returns the turn ended INTERRUPTED, not an error."""
+    lease_s = 11
+    partial = "".join(_WORDS[:5])
+    fake.script(Stream(_WORDS[:5], then="stall", delay_s=0.01))
+    received = Received()
+    with _replicas(settings, CHATSTREAM_TURN_LEASE_S=str(lease_s)) as replicas:
+        async with _stub(replicas.addresses[0]) as stub:
+            await _read_text(stub.Chat(pb.ChatRequest(text="doomed")), received, partial)
+            replicas.processes[0].kill()
+        async with _stub(replicas.addresses[1]) as other:
+            asked_at = time.monotonic()
+            cancelled = await other.CancelTurn(pb.CancelTurnRequest(turn=received.turn))
+            waited = time.monotonic() - asked_at
+    assert cancelled.status == pb.TURN_STATUS_INTERRUPTED
+    assert waited < lease_s + 3, waited
+    row = await db.fetchrow("SELECT status, assistant_text FROM chat.turns")
+    assert row is not None
+    assert tuple(row) == ("INTERRUPTED", partial)
+
+
 async def test_a_killed_producer_ends_its_watcher_interrupted_with_the_partial_reply_kept(
     replicas: Replicas, fake: FakeAnthropic, db: asyncpg.Connection, consume: Consume
 ) -> None:
@@ -455,6 +479,52 @@ async def test_a_retry_attached_to_a_turn_whose_log_lost_its_start_still_opens_w
     assert retry.turn == first.turn
     assert retry.completed is not None
     assert retry.completed.status == pb.TURN_STATUS_INTERRUPTED
+
+
+async def test_a_producer_swept_while_it_still_streams_ends_its_caller_and_resumes_in_order(
+    settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """The producer's process freezes past its lease and a sweeper ends the turn INTERRUPTED with
+    the live log's text; then the process runs on and streams the rest to its caller. The
+    caller's terminal event still comes after everything it was sent, and a resume from its
+    last delta (it could have been cut before the terminal event) also ends with one."""
+    fake.script(Stream(_WORDS, delay_s=0.05))
+    received = Received()
+    # A long lease: the test, not the clock, says when the frozen producer's lease has expired.
+    with _replicas(settings, CHATSTREAM_TURN_LEASE_S="60") as replicas:
+        async with _stub(replicas.addresses[0]) as stub:
+            call = stub.Chat(pb.ChatRequest(text="frozen"))
+            await _read(call, received, events=8)
+            replicas.processes[0].freeze()
+            try:
+                await db.execute("UPDATE chat.turns SET lease_expires_at = now() - interval '1 second'")
+                assert await _sweep(settings) == 1
+            finally:
+                replicas.processes[0].thaw()
+            await _read(call, received, events=1000)
+        swept = await db.fetchrow("SELECT status, last_seq, assistant_text FROM chat.turns")
+        assert swept is not None
+        assert swept["status"] == "INTERRUPTED"
+        received.assert_no_repeats()
+        assert received.completed is not None
+        assert received.completed.status == pb.TURN_STATUS_INTERRUPTED
+        # The caller got more than the sweeper could store, numbered past the stored end.
+        assert received.text == _REPLY
+        assert _REPLY.startswith(swept["assistant_text"])
+        assert received.last_seq > swept["last_seq"]
+
+        # A caller cut just before that terminal event resumes from its last delta.
+        resumed = Received(
+            turn=received.turn,
+            text=received.text,
+            seqs=(received.seqs or [])[:-1],
+            start_offset=0,
+        )
+        await asyncio.wait_for(_watch(replicas.addresses[1], resumed), timeout=10)
+    resumed.assert_no_repeats()
+    assert resumed.completed is not None
+    assert resumed.completed.status == pb.TURN_STATUS_INTERRUPTED
+    assert resumed.text == _REPLY
 
 
 async def _sweep(settings: Settings) -> int:
@@ -645,6 +715,32 @@ async def test_a_conversation_watcher_that_joins_mid_turn_gets_whole_turns_only(
         second.turn,
         third.turn,
     ]
+
+
+async def test_a_malformed_turn_start_does_not_stop_a_conversations_watchers(
+    replicas: Replicas, fake: FakeAnthropic, redis: aioredis.Redis
+) -> None:
+    """The one reader a process keeps per watched conversation serves every watcher: an entry it
+    cannot read (written by a bug, or by hand) is skipped, and the next turn still arrives."""
+    fake.script(Stream(["first"]), Stream(["second"]))
+    async with _stub(replicas.addresses[0]) as stub, _stub(replicas.addresses[1]) as other:
+        first = Received()
+        await _read(stub.Chat(pb.ChatRequest(text="one")), first, events=1000)
+        conversation = first.turn.rsplit("/turns/", 1)[0]
+        watching = Received()
+        call = other.WatchConversation(pb.WatchConversationRequest(conversation=conversation))
+        following = asyncio.ensure_future(_read_text(call, watching, "second"))
+        await asyncio.sleep(0.5)  # the process's reader waits for the next turn
+        await redis.xadd(
+            live.conversation_key(uuid.UUID(conversation.rsplit("/", 1)[1])), {"t": "not a turn"}
+        )
+        await asyncio.sleep(0.3)
+        second = Received()
+        await _read(stub.Chat(pb.ChatRequest(conversation=conversation, text="two")), second, events=1000)
+        await asyncio.wait_for(following, timeout=10)
+        call.cancel()
+    assert watching.turn == second.turn
+    assert watching.text == "second"
 
 
 async def _stream_reads(redis: aioredis.Redis) -> int:

@@ -287,7 +287,9 @@ class ChatServiceServicer:
     def CancelTurn(self, request, context):
         """Ends a streaming turn CANCELLED, keeping its partial reply, from any replica:
         the producing server closes its upstream request within a second. Idempotent:
-        an ended turn's final status is returned and nothing changes.
+        an ended turn's final status is returned and nothing changes. If the producing
+        server died, nothing can stop it any more: the call answers once the turn's lease
+        expired, with the turn ended INTERRUPTED (within `CHATSTREAM_TURN_LEASE_S` + 2 s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

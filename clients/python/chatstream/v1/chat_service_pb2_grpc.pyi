@@ -155,7 +155,9 @@ class ChatServiceStub:
     CancelTurn: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.CancelTurnRequest, _chat_service_pb2.CancelTurnResponse]
     """Ends a streaming turn CANCELLED, keeping its partial reply, from any replica:
     the producing server closes its upstream request within a second. Idempotent:
-    an ended turn's final status is returned and nothing changes.
+    an ended turn's final status is returned and nothing changes. If the producing
+    server died, nothing can stop it any more: the call answers once the turn's lease
+    expired, with the turn ended INTERRUPTED (within `CHATSTREAM_TURN_LEASE_S` + 2 s).
     """
     WatchConversation: _grpc.UnaryStreamMultiCallable[_chat_service_pb2.WatchConversationRequest, _chat_service_pb2.ChatResponse]
     """Streams the events of each new turn of a conversation as it happens (from
@@ -290,7 +292,9 @@ class ChatServiceAsyncStub(ChatServiceStub):
     CancelTurn: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.CancelTurnRequest, _chat_service_pb2.CancelTurnResponse]  # type: ignore[assignment]
     """Ends a streaming turn CANCELLED, keeping its partial reply, from any replica:
     the producing server closes its upstream request within a second. Idempotent:
-    an ended turn's final status is returned and nothing changes.
+    an ended turn's final status is returned and nothing changes. If the producing
+    server died, nothing can stop it any more: the call answers once the turn's lease
+    expired, with the turn ended INTERRUPTED (within `CHATSTREAM_TURN_LEASE_S` + 2 s).
     """
     WatchConversation: _aio.UnaryStreamMultiCallable[_chat_service_pb2.WatchConversationRequest, _chat_service_pb2.ChatResponse]  # type: ignore[assignment]
     """Streams the events of each new turn of a conversation as it happens (from
@@ -470,7 +474,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_chat_service_pb2.CancelTurnResponse, _abc.Awaitable[_chat_service_pb2.CancelTurnResponse]]:
         """Ends a streaming turn CANCELLED, keeping its partial reply, from any replica:
         the producing server closes its upstream request within a second. Idempotent:
-        an ended turn's final status is returned and nothing changes.
+        an ended turn's final status is returned and nothing changes. If the producing
+        server died, nothing can stop it any more: the call answers once the turn's lease
+        expired, with the turn ended INTERRUPTED (within `CHATSTREAM_TURN_LEASE_S` + 2 s).
         """
 
     @_abc_1.abstractmethod

@@ -1268,7 +1268,9 @@ export const ChatService: GenService<{
   /**
    * Ends a streaming turn CANCELLED, keeping its partial reply, from any replica:
    * the producing server closes its upstream request within a second. Idempotent:
-   * an ended turn's final status is returned and nothing changes.
+   * an ended turn's final status is returned and nothing changes. If the producing
+   * server died, nothing can stop it any more: the call answers once the turn's lease
+   * expired, with the turn ended INTERRUPTED (within `CHATSTREAM_TURN_LEASE_S` + 2 s).
    *
    * @generated from rpc chatstream.v1.ChatService.CancelTurn
    */
