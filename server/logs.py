@@ -121,6 +121,18 @@ class TextFormatter(logging.Formatter):
         return redact(super().format(record) + fields, self._secrets)
 
 
+_NOISY_LOGGERS: Final = (
+    # Every upstream request, at INFO.
+    "httpx2",
+    # Each of alembic's autogenerate plugins, at every migration run (7 lines), at INFO.
+    "alembic.runtime.plugins",
+    # The embedded PostgreSQL of `chatstream dev`: each initdb and pg_ctl command with its whole
+    # output, at INFO. A command that fails is logged at ERROR with that output, so it still shows.
+    "pgserver",
+)
+"""Third-party loggers held at WARNING: what they say at INFO is noise at our default level."""
+
+
 def configure_logging(
     *,
     fmt: str = "json",
@@ -154,8 +166,8 @@ def configure_logging(
         floor = max(logging.INFO, root.level)
         for name in _CONTENT_LOGGERS:
             logging.getLogger(name).setLevel(floor)
-    # httpx2 logs every upstream request at INFO; that is noise at our default level.
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     return handler
 
 

@@ -31,8 +31,7 @@ from datetime import timedelta
 
 import asyncpg
 import grpc
-from chatstream import AsyncChatClient, ChatClientError, RetryPolicy, TurnStatus
-from chatstream.v1 import chat_service_pb2 as pb
+from chatstream import AsyncChatClient, ChatClientError, RetryPolicy, TurnCompleted, TurnEvent, TurnStatus
 from redis.crc import key_slot
 
 from server.config import Settings
@@ -466,9 +465,9 @@ class _Seen:
     def __init__(self) -> None:
         self.turns: list[tuple[str, list[str]]] = []
         """Each turn's name and the text deltas the call got of it."""
-        self.completed: pb.TurnCompleted | None = None
+        self.completed: TurnCompleted | None = None
 
-    def add(self, event: pb.TurnEvent) -> None:
+    def add(self, event: TurnEvent) -> None:
         match event.WhichOneof("kind"):
             case "started":
                 self.turns.append((event.started.turn, []))

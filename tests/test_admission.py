@@ -19,8 +19,7 @@ from datetime import timedelta
 import asyncpg
 import grpc
 import pytest
-from chatstream import AsyncChatClient, ChatClientError, RetryPolicy
-from chatstream.v1.chat_service_pb2 import TurnEvent
+from chatstream import AsyncChatClient, ChatClientError, RetryPolicy, TurnEvent
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 

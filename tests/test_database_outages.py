@@ -14,8 +14,7 @@ from datetime import timedelta
 import asyncpg
 import grpc
 import pytest
-from chatstream import AsyncChatClient, ChatClientError
-from chatstream.v1 import chat_service_pb2 as pb
+from chatstream import AsyncChatClient, ChatClientError, TurnEvent, TurnStatus
 from grpc_health.v1 import health_pb2
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -151,7 +150,7 @@ async def test_unit_of_work_2_rides_out_a_read_only_database_and_stores_the_turn
             await db.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
             await _terminate_server_connections(db)
         kinds = await rest
-    assert kinds[-1].completed.status == pb.TURN_STATUS_COMPLETED
+    assert kinds[-1].completed.status is TurnStatus.COMPLETED
     row = await db.fetchrow(
         "SELECT status, assistant_text FROM chat.turns WHERE id = $1",
         uuid.UUID(started.started.turn.split("/")[-1]),
@@ -160,7 +159,7 @@ async def test_unit_of_work_2_rides_out_a_read_only_database_and_stores_the_turn
     assert (row["status"], row["assistant_text"]) == ("COMPLETED", "stored after the failover")
 
 
-async def _collect(events: AsyncIterator[pb.TurnEvent]) -> list[pb.TurnEvent]:
+async def _collect(events: AsyncIterator[TurnEvent]) -> list[TurnEvent]:
     return [event async for event in events]
 
 
@@ -233,7 +232,7 @@ async def test_a_turn_whose_conversation_is_deleted_mid_stream_ends_with_a_termi
     await gate.wait_reached(timeout=5)
     await client.delete_conversation(started.started.conversation)
     gate.open()
-    outcome: list[pb.TurnEvent] | ChatClientError
+    outcome: list[TurnEvent] | ChatClientError
     try:
         outcome = await _collect(events)
     except ChatClientError as err:
@@ -243,7 +242,7 @@ async def test_a_turn_whose_conversation_is_deleted_mid_stream_ends_with_a_termi
         assert outcome.code in {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED}
     else:
         assert outcome[-1].WhichOneof("kind") == "completed"
-        assert outcome[-1].completed.status not in {pb.TURN_STATUS_STREAMING, pb.TURN_STATUS_UNSPECIFIED}
+        assert outcome[-1].completed.status not in {TurnStatus.STREAMING, TurnStatus.UNSPECIFIED}
 
 
 async def test_the_readiness_probe_stays_out_of_the_transaction_log(

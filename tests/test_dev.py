@@ -74,10 +74,13 @@ class DevRun:
 @pytest.fixture(scope="module")
 def dev() -> Iterator[DevRun]:
     project = Path(tempfile.mkdtemp(prefix="cs-proj-", dir="/tmp"))  # short: it holds Unix sockets
+    env = _bare_env()
+    # As in a container or over ssh, whatever the test runner has: platformdirs warns without it.
+    env.pop("XDG_RUNTIME_DIR", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "dev", "--listen", f"127.0.0.1:{free_port()}"],
         cwd=project,
-        env=_bare_env(),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -129,6 +132,21 @@ def test_dev_writes_what_it_started_to_a_file_a_shell_can_source(dev: DevRun) ->
         check=True,
     )
     assert exported.stdout.splitlines() == [written.get(name) for name in names]
+
+
+def test_dev_starts_with_only_what_a_new_user_needs_to_see(dev: DevRun) -> None:
+    started = next(i for i, line in enumerate(dev.output) if _STARTED in line)
+    start_up = "".join(dev.output[: started + 1])
+
+    # Each of alembic's plugins; pgserver's commands with their whole output (initdb's
+    # "Success. You can now start the database server using: pg_ctl ..."); platformdirs'
+    # RuntimeDirWarning without XDG_RUNTIME_DIR.
+    for noise in ("alembic.runtime.plugins", "pgserver", "initdb", "pg_ctl", "XDG_RUNTIME_DIR", "Warning"):
+        assert noise not in start_up, start_up
+    # What is left says where each service is.
+    assert f"Redis listening on {dev.data_dir}/redis.sock" in start_up
+    assert f"PostgreSQL listening on a Unix socket in {dev.data_dir}/pg" in start_up
+    assert "chatstream dev server on" in start_up
 
 
 def test_lag_and_dlq_work_against_dev_from_the_project_folder(dev: DevRun) -> None:
@@ -200,6 +218,7 @@ def test_dev_stops_cleanly_and_removes_its_env_file(dev: DevRun) -> None:
     assert "stopping on SIGINT" in after
     for failure in ("WARNING", "ERROR", "Traceback", "failed"):
         assert failure not in after, after
+    assert "pgserver" not in after  # nor pg_ctl's output, as at the start
     assert not (dev.data_dir / "env").exists()
     assert not (dev.data_dir / "redis.sock").exists()  # Redis is down, not orphaned
 

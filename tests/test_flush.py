@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
-from chatstream import AsyncChatClient, RetryPolicy
-from chatstream.v1.chat_service_pb2 import TurnEvent
+from chatstream import AsyncChatClient, RetryPolicy, TurnEvent
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.coalescer import FlushPolicy, flush_interval

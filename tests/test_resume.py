@@ -19,7 +19,7 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from chatstream import AsyncChatClient, ChatClient, ChatClientError, TurnStatus
+from chatstream import AsyncChatClient, ChatClient, ChatClientError, TurnEvent, TurnStatus
 from chatstream.v1 import chat_service_pb2 as pb
 from chatstream.v1 import chat_service_pb2_grpc as pb_grpc
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
@@ -798,7 +798,7 @@ async def test_the_sdk_resumes_by_itself_after_a_cut_connection(
     replicas: Replicas, fake: FakeAnthropic
 ) -> None:
     fake.script(Stream(_WORDS, delay_s=0.03))
-    events: list[pb.TurnEvent] = []
+    events: list[TurnEvent] = []
     async with CuttingProxy(replicas.addresses) as proxy, AsyncChatClient(proxy.address) as client:
         async with contextlib.aclosing(client.chat("tell me")) as stream:
             async for event in stream:
@@ -809,7 +809,7 @@ async def test_the_sdk_resumes_by_itself_after_a_cut_connection(
         assert proxy.connections >= 2
     received = Received()
     for event in events:
-        received.add(event)
+        received.add(event.proto)
     received.assert_no_repeats()
     assert received.text == _REPLY
     assert received.completed is not None

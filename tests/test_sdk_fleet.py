@@ -21,9 +21,8 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from chatstream import AsyncChatClient, ChatClient, RetryPolicy, TurnStatus
+from chatstream import AsyncChatClient, ChatClient, RetryPolicy, TurnEvent, TurnStatus
 from chatstream._common import channel_target
-from chatstream.v1 import chat_service_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import Settings
@@ -182,14 +181,14 @@ def test_several_addresses_must_be_ip_addresses_of_one_family_with_ports(address
 
 async def test_a_cancelled_turn_is_not_started_again(fleet: Fleet, fake: FakeAnthropic) -> None:
     fake.script(Stream(_WORDS, delay_s=0.05))
-    events: list[pb.TurnEvent] = []
+    events: list[TurnEvent] = []
     async with AsyncChatClient(fleet.addresses) as client, AsyncChatClient(fleet.addresses) as other:
         async for event in client.chat("stop me"):
             events.append(event)
             if len(events) == 3:
                 assert await other.cancel_turn(events[0].started.turn) is TurnStatus.CANCELLED
     assert sum(e.HasField("started") for e in events) == 1
-    assert events[-1].completed.status == pb.TURN_STATUS_CANCELLED
+    assert events[-1].completed.status is TurnStatus.CANCELLED
     assert len(fake.requests) == 1
 
 
@@ -200,9 +199,9 @@ async def _producer(fleet: Fleet) -> Server:
     return producing[0]
 
 
-def _segments(events: list[pb.TurnEvent]) -> list[list[pb.TurnEvent]]:
+def _segments(events: list[TurnEvent]) -> list[list[TurnEvent]]:
     """The events split before each `started`: one list per turn the call went through."""
-    segments: list[list[pb.TurnEvent]] = []
+    segments: list[list[TurnEvent]] = []
     for event in events:
         if event.HasField("started"):
             segments.append([])
@@ -210,7 +209,7 @@ def _segments(events: list[pb.TurnEvent]) -> list[list[pb.TurnEvent]]:
     return segments
 
 
-def _text(segment: list[pb.TurnEvent]) -> str:
+def _text(segment: list[TurnEvent]) -> str:
     """The segment's text, checking that each delta starts where the previous one ended."""
     text = ""
     for event in segment:
@@ -225,7 +224,7 @@ async def test_a_server_killed_mid_turn_leaves_the_client_with_the_whole_reply(
 ) -> None:
     # Paced so that the kill lands mid-turn: 40 deltas 50 ms apart; the restart is quicker.
     fake.script(Stream(_WORDS, delay_s=0.05), Stream(_WORDS, delay_s=0.01))
-    events: list[pb.TurnEvent] = []
+    events: list[TurnEvent] = []
     killed: Server | None = None
     began = time.monotonic()
     async with (
@@ -251,7 +250,7 @@ async def test_a_server_killed_mid_turn_leaves_the_client_with_the_whole_reply(
     assert len(partial) < len(_REPLY)
     assert _REPLY.startswith(partial)
     assert _text(restarted) == _REPLY
-    assert restarted[-1].completed.status == pb.TURN_STATUS_COMPLETED
+    assert restarted[-1].completed.status is TurnStatus.COMPLETED
     for segment in (interrupted, restarted):
         seqs = [e.seq for e in segment]
         assert seqs[0] == 1

@@ -8,7 +8,7 @@ import json
 import click
 from chatstream import ChatClientError, Conversation, Message, Role, TurnStatus
 
-from server.cli.remote import Remote, conversation_name, describe, remote_options, timestamp
+from server.cli.remote import ConversationName, Remote, describe, remote_options, timestamp
 
 
 def conversation_json(conversation: Conversation) -> dict[str, object]:
@@ -86,7 +86,7 @@ def list_conversations(*, remote: Remote, limit: int, as_json: bool) -> None:
 
 @conversations.command("show")
 @remote_options
-@click.argument("name")
+@click.argument("name", type=ConversationName())
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object: the conversation and its messages."
 )
@@ -96,7 +96,6 @@ def show_conversation(*, remote: Remote, name: str, as_json: bool) -> None:
     Messages are written by the persistence consumer, usually well under a second after a
     turn ends, so the latest turn may be missing for a moment.
     """
-    name = conversation_name(name)
     try:
         with remote.connect() as client:
             conversation = client.get_conversation(name)

@@ -142,12 +142,6 @@ class ConversationName(click.ParamType[str, object]):
             self.fail(f"{text!r} is not conversations/ID or ID, where ID is a UUID", param, ctx)
 
 
-def conversation_name(value: str) -> str:
-    """``conversations/{id}`` from either that or the bare id, as a user may paste either."""
-    value = value.strip()
-    return value if value.startswith(CONVERSATION_PREFIX) else CONVERSATION_PREFIX + value
-
-
 def timestamp(value: Timestamp) -> str | None:
     """RFC 3339 in UTC (``2025-01-31T12:00:00.123456Z``), or None for an unset field."""
     if value.seconds == 0 and value.nanos == 0:

@@ -17,22 +17,21 @@ Usage::
 
 `ChatClient` has the same methods, blocking. Every failed call raises `ChatClientError`.
 `Role` and `TurnStatus` are `IntEnum`s over the proto's numbers that print their names:
-`reply.status` is one, and `Role(message.role)` turns a generated message's field into one.
+`reply.status`, `event.completed.status`, `message.role` and `message.turn_status` are members.
+`chat()` and the watches yield `TurnEvent`s and `list_messages()` yields `Message`s: views that
+read like the generated messages and hold them as `.proto`. The generated classes are in
+`chatstream.v1.chat_service_pb2`.
 """
 
 from chatstream._async_client import AsyncChatClient
 from chatstream._common import ChatReply, RetryPolicy
-from chatstream._enums import Role, TurnStatus
+from chatstream._enums import ListMessagesResponse, Message, Role, TurnCompleted, TurnEvent, TurnStatus
 from chatstream._errors import ChatClientError
 from chatstream._sync_client import ChatClient
 from chatstream.v1.chat_service_pb2 import (
     Conversation,
     ListConversationsResponse,
-    ListMessagesResponse,
-    Message,
     TextDelta,
-    TurnCompleted,
-    TurnEvent,
     TurnStarted,
     Usage,
 )

@@ -39,7 +39,7 @@ from chatstream._common import (
     resume_delay_s,
     seconds,
 )
-from chatstream._enums import TurnStatus
+from chatstream._enums import ListMessagesResponse, Message, TurnEvent, TurnStatus
 from chatstream._errors import ChatClientError
 from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
 
@@ -212,7 +212,7 @@ class AsyncChatClient:
         request_id: str | None = None,
         timeout: timedelta | None = None,
         resume: bool = True,
-    ) -> AsyncGenerator[chat_service_pb2.TurnEvent, None]:
+    ) -> AsyncGenerator[TurnEvent, None]:
         """Sends one user message and yields the events of the assistant's reply.
 
         The events are one `started`, zero or more `text_delta`, then `completed`. If the
@@ -255,7 +255,8 @@ class AsyncChatClient:
                 this one connection, as before.
 
         Yields:
-            Each `TurnEvent` as it arrives.
+            Each `TurnEvent` as it arrives: the generated event's fields, with
+            `completed.status` a `TurnStatus`; the generated event itself is `event.proto`.
 
         Raises:
             ChatClientError: The call failed (after retries and resumes, where they apply).
@@ -268,13 +269,13 @@ class AsyncChatClient:
         events = self._follow(request, ResumePoint(), deadline, resume=resume)
         try:
             async for event in events:
-                yield event
+                yield TurnEvent(event)
         finally:
             await events.aclose()
 
     async def watch_turn(
         self, turn: str, *, after_seq: int = 0, after_offset: int = 0, timeout: timedelta | None = None
-    ) -> AsyncGenerator[chat_service_pb2.TurnEvent, None]:
+    ) -> AsyncGenerator[TurnEvent, None]:
         """Yields a turn's events after `after_seq` (and `after_offset` characters), then follows it live.
 
         Works on any server, while the turn streams and after it ended. Resumes by itself
@@ -295,13 +296,13 @@ class AsyncChatClient:
         events = self._follow(None, position, deadline, resume=False)
         try:
             async for event in events:
-                yield event
+                yield TurnEvent(event)
         finally:
             await events.aclose()
 
     async def watch_conversation(
         self, conversation: str, *, timeout: timedelta | None = None
-    ) -> AsyncGenerator[chat_service_pb2.TurnEvent, None]:
+    ) -> AsyncGenerator[TurnEvent, None]:
         """Yields the events of each new turn of `conversation` as it happens, until the loop ends.
 
         Args:
@@ -316,7 +317,7 @@ class AsyncChatClient:
         call = self._stub.WatchConversation(request, timeout=seconds(timeout, None), metadata=self._metadata)
         try:
             async for response in call:
-                yield response.event
+                yield TurnEvent(response.event)
         except grpc.aio.AioRpcError as rpc_error:
             raise ChatClientError.from_rpc_error(rpc_error) from rpc_error
         finally:
@@ -470,7 +471,7 @@ class AsyncChatClient:
         )
         try:
             async for event in events:
-                builder.add(event)
+                builder.add(event.proto)
         finally:
             await events.aclose()
         return builder.build()
@@ -579,8 +580,11 @@ class AsyncChatClient:
 
     async def list_messages(
         self, parent: str, *, page_size: int = 0, timeout: timedelta | None = None
-    ) -> AsyncIterator[chat_service_pb2.Message]:
+    ) -> AsyncIterator[Message]:
         """Yields all the messages of a conversation, in order, page by page.
+
+        Each is a `Message`: the generated message's fields, with `role` a `Role` and
+        `turn_status` a `TurnStatus`; the generated message itself is `message.proto`.
 
         Eventually consistent: the messages of a turn appear shortly after it completes.
 
@@ -605,8 +609,8 @@ class AsyncChatClient:
 
     async def list_messages_page(
         self, parent: str, *, page_size: int = 0, page_token: str = "", timeout: timedelta | None = None
-    ) -> chat_service_pb2.ListMessagesResponse:
-        """Returns one page of a conversation's messages.
+    ) -> ListMessagesResponse:
+        """Returns one page of a conversation's messages, each a `Message` as in `list_messages`.
 
         Args:
             parent: `conversations/{conversation}`.
@@ -621,7 +625,7 @@ class AsyncChatClient:
         request = chat_service_pb2.ListMessagesRequest(
             parent=parent, page_size=page_size, page_token=page_token
         )
-        return await self._unary(self._stub.ListMessages, request, timeout)
+        return ListMessagesResponse(await self._unary(self._stub.ListMessages, request, timeout))
 
     async def _unary(
         self,

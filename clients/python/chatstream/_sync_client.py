@@ -32,7 +32,7 @@ from chatstream._common import (
     resume_delay_s,
     seconds,
 )
-from chatstream._enums import TurnStatus
+from chatstream._enums import ListMessagesResponse, Message, TurnEvent, TurnStatus
 from chatstream._errors import ChatClientError
 from chatstream.v1 import chat_service_pb2, chat_service_pb2_grpc
 
@@ -205,7 +205,7 @@ class ChatClient:
         request_id: str | None = None,
         timeout: timedelta | None = None,
         resume: bool = True,
-    ) -> Generator[chat_service_pb2.TurnEvent, None, None]:
+    ) -> Generator[TurnEvent, None, None]:
         """Sends one user message and yields the events of the assistant's reply.
 
         The events are one `started`, zero or more `text_delta`, then `completed`. If the
@@ -248,7 +248,8 @@ class ChatClient:
                 this one connection, as before.
 
         Yields:
-            Each `TurnEvent` as it arrives.
+            Each `TurnEvent` as it arrives: the generated event's fields, with
+            `completed.status` a `TurnStatus`; the generated event itself is `event.proto`.
 
         Raises:
             ChatClientError: The call failed (after retries and resumes, where they apply).
@@ -260,13 +261,14 @@ class ChatClient:
         deadline = Deadline.after(seconds(timeout, self._chat_timeout))
         events = self._follow(request, ResumePoint(), deadline, resume=resume)
         try:
-            yield from events
+            for event in events:
+                yield TurnEvent(event)
         finally:
             events.close()
 
     def watch_turn(
         self, turn: str, *, after_seq: int = 0, after_offset: int = 0, timeout: timedelta | None = None
-    ) -> Generator[chat_service_pb2.TurnEvent, None, None]:
+    ) -> Generator[TurnEvent, None, None]:
         """Yields a turn's events after `after_seq` (and `after_offset` characters), then follows it live.
 
         Works on any server, while the turn streams and after it ended. Resumes by itself
@@ -286,13 +288,14 @@ class ChatClient:
         position = ResumePoint(turn, seq=after_seq, offset=after_offset)
         events = self._follow(None, position, deadline, resume=False)
         try:
-            yield from events
+            for event in events:
+                yield TurnEvent(event)
         finally:
             events.close()
 
     def watch_conversation(
         self, conversation: str, *, timeout: timedelta | None = None
-    ) -> Generator[chat_service_pb2.TurnEvent, None, None]:
+    ) -> Generator[TurnEvent, None, None]:
         """Yields the events of each new turn of `conversation` as it happens, until the loop ends.
 
         Args:
@@ -307,7 +310,7 @@ class ChatClient:
         call = self._stub.WatchConversation(request, timeout=seconds(timeout, None), metadata=self._metadata)
         try:
             for response in call:
-                yield response.event
+                yield TurnEvent(response.event)
         except grpc.RpcError as rpc_error:
             raise ChatClientError.from_rpc_error(rpc_error) from rpc_error
         finally:
@@ -461,7 +464,7 @@ class ChatClient:
         )
         try:
             for event in events:
-                builder.add(event)
+                builder.add(event.proto)
         finally:
             events.close()
         return builder.build()
@@ -567,8 +570,11 @@ class ChatClient:
 
     def list_messages(
         self, parent: str, *, page_size: int = 0, timeout: timedelta | None = None
-    ) -> Iterator[chat_service_pb2.Message]:
+    ) -> Iterator[Message]:
         """Yields all the messages of a conversation, in order, page by page.
+
+        Each is a `Message`: the generated message's fields, with `role` a `Role` and
+        `turn_status` a `TurnStatus`; the generated message itself is `message.proto`.
 
         Eventually consistent: the messages of a turn appear shortly after it completes.
 
@@ -592,8 +598,8 @@ class ChatClient:
 
     def list_messages_page(
         self, parent: str, *, page_size: int = 0, page_token: str = "", timeout: timedelta | None = None
-    ) -> chat_service_pb2.ListMessagesResponse:
-        """Returns one page of a conversation's messages.
+    ) -> ListMessagesResponse:
+        """Returns one page of a conversation's messages, each a `Message` as in `list_messages`.
 
         Args:
             parent: `conversations/{conversation}`.
@@ -608,7 +614,7 @@ class ChatClient:
         request = chat_service_pb2.ListMessagesRequest(
             parent=parent, page_size=page_size, page_token=page_token
         )
-        return self._unary(self._stub.ListMessages, request, timeout)
+        return ListMessagesResponse(self._unary(self._stub.ListMessages, request, timeout))
 
     def _unary(
         self,
