@@ -163,6 +163,11 @@ class RawHttp2:
         self._conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
         await self._flush()
 
+    async def reset(self, stream_id: int) -> None:
+        """Resets one stream (RST_STREAM CANCEL): a client that gives up on its call."""
+        self._conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
+        await self._flush()
+
     async def ping_flood(self, count: int, *, timeout_s: float = 5) -> RawResponse:
         """Sends up to ``count`` pings 20 ms apart, reading in between, until the server ends
         the connection. Reading as we go matters: once the server closes, anything we still
