@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import asyncpg
 import grpc
@@ -256,6 +257,83 @@ async def test_a_client_process_killed_with_calls_at_every_stage_leaves_every_tu
     assert len(rows) >= calls // 2, len(rows)
     late_s = max(row["ended"] - killed_at for row in rows)
     assert late_s < 1.0, late_s
+
+
+async def test_a_reset_while_a_write_waits_for_the_client_ends_the_turn_cancelled_not_failed(
+    server: ChatServer, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """The issue's FAILED/INTERNAL case: the client leaves while a write to it is in flight.
+
+    A window of 100 bytes takes TurnStarted and a delta or two; the next write waits for a
+    WINDOW_UPDATE that never comes (the write timeout is 30 s), and then the stream is reset
+    while the model is still producing.
+    """
+    reply = [f"w{i} " for i in range(40)]
+    fake.script(Stream(reply, delay_s=0.05))  # about 2 s
+    async with await RawHttp2.connect(server.address) as raw:
+        await raw.stop_reading(after_bytes=100)
+        stream_id = await raw.send(
+            "/chatstream.v1.ChatService/Chat", pb.ChatRequest(text="reset mid-write").SerializeToString()
+        )
+
+        async def started() -> bool:
+            return bool(await db.fetchval("SELECT count(*) FROM chat.turns") == 1)
+
+        await eventually(started, what="the turn to start")
+        await asyncio.sleep(0.5)  # ten deltas or so: far past the window
+        assert await db.fetchval("SELECT status FROM chat.turns") == "STREAMING"
+        await raw.reset(stream_id)
+        reset_at = time.time()
+        await _all_terminal(db, expected=1)
+    row = await db.fetchrow(
+        "SELECT status, error_reason, assistant_text, extract(epoch FROM completed_at)::float8 AS ended"
+        " FROM chat.turns"
+    )
+    assert row is not None
+    assert (row["status"], row["error_reason"]) == ("CANCELLED", "CANCELLED")
+    assert "".join(reply).startswith(row["assistant_text"])
+    assert row["assistant_text"]
+    assert row["ended"] - reset_at < 1.0
+
+
+async def test_a_cancel_while_unit_of_work_1_waits_leaves_no_turn_streaming(
+    server: ChatServer, fake: FakeAnthropic, db: asyncpg.Connection
+) -> None:
+    """The call is gone before its turn's statement commits: the turn it commits ends at once."""
+    async with AsyncChatClient(server.address) as client:
+        conversation = (await client.create_conversation()).name
+    fake.script(Stream(_REPLY), Stream(_REPLY))
+    conversation_id = conversation.split("/")[-1]
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        # Unit of work 1 locks the conversation's row; hold that lock so the statement waits.
+        async with db.transaction():
+            await db.execute(
+                "SELECT 1 FROM chat.conversations WHERE id = $1 FOR UPDATE", uuid.UUID(conversation_id)
+            )
+            call = pb_grpc.ChatServiceStub(channel).Chat(
+                pb.ChatRequest(text="cancel while starting", conversation=conversation)
+            )
+
+            async def waiting() -> bool:
+                waits = await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+                )
+                return bool(waits)
+
+            await eventually(waiting, what="unit of work 1 to wait for the conversation's lock")
+            call.cancel()
+            assert await call.code() == grpc.StatusCode.CANCELLED
+        released_at = time.time()
+        await _all_terminal(db)
+    rows = await db.fetch("SELECT status, extract(epoch FROM completed_at)::float8 AS ended FROM chat.turns")
+    # Either the statement never committed a turn, or the turn it committed was ended at once.
+    for row in rows:
+        assert row["status"] == "CANCELLED"
+        assert row["ended"] - released_at < 1.0
+    async with AsyncChatClient(server.address) as client:
+        reply = await client.chat_reply("next", conversation=conversation)
+    assert reply.text == "".join(_REPLY)
 
 
 @pytest.mark.parametrize("when", ["before_turn_started", "mid_reply"])
