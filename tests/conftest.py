@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import cast
 
 import asyncpg
+import grpc.aio
 import pytest
 import redis.asyncio as aioredis
 from chatstream import AsyncChatClient
@@ -44,6 +45,18 @@ _REDIS_KINDS: dict[str, tuple[str, ...]] = {
     "cluster": ("cluster",),
     "both": ("single", "cluster"),
 }
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Holds grpc.aio's engine for the whole session.
+
+    grpc shuts its aio engine down, joining its poller thread, when the last aio channel or
+    server is garbage-collected. A collection after the session's event loop had closed (in
+    pytest's own summary) hung in that join: pytest never exited after its last test, past
+    every per-test timeout (1 run in 3 to 6 of tests/test_early_cancel.py; grpc/grpc#22365).
+    One reference taken here keeps the engine up until the process exits.
+    """
+    grpc.aio.init_grpc_aio()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -144,9 +144,10 @@ class RawHttp2:
         self._conn.send_data(stream_id, grpc_frame(message), end_stream=True)
         return stream_id
 
-    async def stop_reading(self) -> None:
-        """Announces a receive window of 0 for new streams: the server cannot send them any DATA."""
-        self._conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    async def stop_reading(self, *, after_bytes: int = 0) -> None:
+        """Announces a receive window of ``after_bytes`` for new streams, never raised: the
+        server can send each of them that much DATA, then nothing more."""
+        self._conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: after_bytes})
         await self._flush()
 
     async def send(self, method: str, message: bytes, metadata: Sequence[tuple[bytes, bytes]] = ()) -> int:
@@ -160,6 +161,11 @@ class RawHttp2:
     ) -> None:
         """Sends one gRPC call and resets its stream (RST_STREAM CANCEL) in the same write."""
         stream_id = self._call(method, message, metadata)
+        self._conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
+        await self._flush()
+
+    async def reset(self, stream_id: int) -> None:
+        """Resets one stream (RST_STREAM CANCEL): a client that gives up on its call."""
         self._conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
         await self._flush()
 
