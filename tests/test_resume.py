@@ -336,7 +336,8 @@ async def test_cancel_turn_of_a_killed_producer_answers_interrupted_once_its_lea
             cancelled = await other.CancelTurn(pb.CancelTurnRequest(turn=received.turn))
             waited = time.monotonic() - asked_at
     assert cancelled.status == pb.TURN_STATUS_INTERRUPTED
-    assert waited < lease_s + 3, waited
+    # The proto promises the lease plus 2 s; the rest is slack for a loaded machine.
+    assert waited < lease_s + 4, waited
     row = await db.fetchrow("SELECT status, assistant_text FROM chat.turns")
     assert row is not None
     assert tuple(row) == ("INTERRUPTED", partial)
