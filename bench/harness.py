@@ -521,6 +521,22 @@ class Bench:
         k = rep % len(names)
         return [self.systems[n] for n in names[k:] + names[:k]]
 
+    def run_p1_load(self, system: System, *, label: str) -> dict[str, Any]:
+        """P1's load on ``system``: its streams as fast as the upstream goes."""
+        cfg = self.cfg
+        return self.run_load(
+            system,
+            label=label,
+            streams=cfg.p1_streams,
+            clients=cfg.p1_clients,
+            tokens=cfg.p1_tokens,
+            rate=0,
+            warmup=cfg.p1_warmup,
+            window=cfg.p1_window,
+            ramp=cfg.p1_warmup,
+            drain=0.5,  # turns still streaming at the window's end are cut, not waited for
+        )
+
     def phase_p1(self) -> None:
         cfg = self.cfg
         log(
@@ -529,18 +545,7 @@ class Bench:
         runs = []
         for rep in range(cfg.reps):
             for system in self.order(rep):
-                run = self.run_load(
-                    system,
-                    label="p1",
-                    streams=cfg.p1_streams,
-                    clients=cfg.p1_clients,
-                    tokens=cfg.p1_tokens,
-                    rate=0,
-                    warmup=cfg.p1_warmup,
-                    window=cfg.p1_window,
-                    ramp=cfg.p1_warmup,
-                    drain=0.5,  # turns still streaming at the window's end are cut, not waited for
-                )
+                run = self.run_p1_load(system, label="p1")
                 run["rep"] = rep
                 runs.append(run)
         self.results["P1"] = summarize_p1(runs, cfg.reps)
@@ -740,18 +745,7 @@ class Bench:
             for rep in range(cfg.reps):
                 modes = ("on", "off") if rep % 2 == 0 else ("off", "on")
                 for mode in modes:
-                    run = self.run_load(
-                        systems[mode],
-                        label=f"pl-p1-{mode}",
-                        streams=cfg.p1_streams,
-                        clients=cfg.p1_clients,
-                        tokens=cfg.p1_tokens,
-                        rate=0,
-                        warmup=cfg.p1_warmup,
-                        window=cfg.p1_window,
-                        ramp=cfg.p1_warmup,
-                        drain=0.5,
-                    )
+                    run = self.run_p1_load(systems[mode], label=f"pl-p1-{mode}")
                     runs.append({**run, "rep": rep, "mode": mode, "load": "p1"})
                 for mode in modes:
                     run = self.run_load(

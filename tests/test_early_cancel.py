@@ -197,17 +197,7 @@ async def test_a_client_process_killed_right_after_sending_leaves_its_turn_cance
         asyncio.run(main())
         """
     )
-    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        line = await asyncio.to_thread(process.stdout.readline)
-        assert line.strip() == "sent"
-        process.kill()
-    finally:
-        process.kill()
-        process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
+    await _run_then_kill(child)
     await _all_terminal(db, expected=1)
     assert await db.fetchval("SELECT status FROM chat.turns") == "CANCELLED"
 
@@ -240,23 +230,31 @@ async def test_a_client_process_killed_with_calls_at_every_stage_leaves_every_tu
         asyncio.run(main())
         """
     )
+    killed_at = await _run_then_kill(child)
+    await _all_terminal(db)
+    rows = await db.fetch("SELECT status, extract(epoch FROM completed_at)::float8 AS ended FROM chat.turns")
+    assert len(rows) >= calls // 2, len(rows)
+    late_s = max(row["ended"] - killed_at for row in rows)
+    assert late_s < 1.0, late_s
+
+
+async def _run_then_kill(child: str) -> float:
+    """Runs the Python program ``child`` until it prints ``sent``, then kills it with SIGKILL.
+
+    Returns when it was killed (``time.time()``).
+    """
     process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         line = await asyncio.to_thread(process.stdout.readline)
         assert line.strip() == "sent"
         process.kill()
-        killed_at = time.time()
+        return time.time()
     finally:
         process.kill()
         process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
-    await _all_terminal(db)
-    rows = await db.fetch("SELECT status, extract(epoch FROM completed_at)::float8 AS ended FROM chat.turns")
-    assert len(rows) >= calls // 2, len(rows)
-    late_s = max(row["ended"] - killed_at for row in rows)
-    assert late_s < 1.0, late_s
 
 
 async def test_a_reset_while_a_write_waits_for_the_client_ends_the_turn_cancelled_not_failed(
