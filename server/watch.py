@@ -78,15 +78,16 @@ class TurnWatcher:
         # has no text yet. Then a log entry that starts past it means text the log no longer
         # holds; numbers that skip alone do not (the log's writer joins deltas as well).
         placed = after_offset > 0 or after_seq <= 1
-        if turn.status.terminal and turn.last_seq is not None and seq >= turn.last_seq:
-            if seq == turn.last_seq:
-                return  # the caller has every event already, the terminal one included
-            # Past the stored end: a sweeper ended the turn while its producer still streamed
-            # to this caller. It gets the terminal event, numbered after what it has.
-            for item in replay_events(turn, after_seq=seq, after_offset=offset):
-                await emit(item)
-            return
-        if (self._live_log and not turn.status.terminal) or await self._live_covers(turn, seq):
+        stored_end = turn.last_seq if turn.status.terminal else None
+        if stored_end is not None and seq == stored_end:
+            return  # the caller has every event already, the terminal one included
+        # Past the stored end (a sweeper ended the turn while its producer streamed on to
+        # this caller), the log has nothing for it: PostgreSQL gives it the terminal event,
+        # numbered after what it has.
+        past_end = stored_end is not None and seq > stored_end
+        if not past_end and (
+            (self._live_log and not turn.status.terminal) or await self._live_covers(turn, seq)
+        ):
             try:
                 async for batch in live.follow(self._redis, turn.id, seq, block_ms=_SILENCE_MS):
                     if not batch:
