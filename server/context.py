@@ -76,11 +76,9 @@ class ContextStore:
             # reaching another owner who re-creates the same id.
             if cached_owner == owner and through == before_seq - 1:
                 return self._fit(exchanges[-self._max_turns :], text_chars)
-        # One read-only statement, done before the model is called.
-        async with self._database.autocommit("list exchanges") as conn:
-            exchanges = await turn_store.list_exchanges(
-                conn, conversation_id=conversation_id, before_seq=before_seq, limit=self._max_turns
-            )
+        exchanges = await turn_store.list_exchanges(
+            self._database, conversation_id=conversation_id, before_seq=before_seq, limit=self._max_turns
+        )
         await self.remember(conversation_id, owner=owner, through=before_seq - 1, exchanges=exchanges)
         return self._fit(exchanges, text_chars)
 

@@ -87,17 +87,37 @@ def configure_tracing(default_service_name: str) -> bool:
     trace.set_tracer_provider(provider)
     # The instrumentation's declared SQLAlchemy range lags behind 2.1, which it handles.
     SQLAlchemyInstrumentor().instrument(skip_dep_check=True)
-    # Every statement, the single-statement units of work included, goes through the
-    # one SQLAlchemy engine (server/db/engine.py), so this covers them all.
+    # The hot statements run on the driver connection, out of SQLAlchemy's sight: they
+    # get their span from statement_span (server/db/engine.py).
     RedisInstrumentor().instrument()
     _state["provider"] = provider
+    _state["tracer"] = trace.get_tracer("chatstream")
     logger.info("OpenTelemetry tracing on (service %s)", service_name)
     return True
+
+
+def statement_span(sql: str) -> AbstractContextManager[object] | None:
+    """A CLIENT span for one SQL statement run on the driver connection; None when tracing is off.
+
+    It carries what SQLAlchemy's instrumentation puts on the spans of every other
+    statement (``db.system``, ``db.statement``), so a trace shows all of a turn's SQL.
+    """
+    tracer = _state.get("tracer")
+    if tracer is None:
+        return None
+    from opentelemetry.trace import SpanKind, Tracer
+
+    return cast(Tracer, tracer).start_as_current_span(
+        sql.split(None, 1)[0],
+        kind=SpanKind.CLIENT,
+        attributes={"db.system": "postgresql", "db.statement": sql},
+    )
 
 
 def shutdown_tracing() -> None:
     """Flushes and stops the exporters, so the last spans are not lost at exit."""
     provider = _state.pop("provider", None)
+    _state.pop("tracer", None)
     shutdown = getattr(provider, "shutdown", None)
     if callable(shutdown):
         shutdown()

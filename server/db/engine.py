@@ -1,16 +1,23 @@
-"""The process's one database engine and pool, and the two ways to use it.
+"""The process's one database engine and pool, and the three ways to use it.
 
 - A unit of work of several statements: ``async with database.begin() as session``.
-- A unit of work that is one statement (units of work 1 and 2, the consumer's batch):
-  ``async with database.autocommit("what") as conn``, an AUTOCOMMIT connection of the same
-  pool. A single statement is its own transaction, atomic and committed when it returns,
-  so no BEGIN/COMMIT round trips are paid and no transaction outlives the statement.
+- A unit of work that is one statement: ``async with database.autocommit("what") as conn``,
+  an AUTOCOMMIT connection of the same pool. A single statement is its own transaction,
+  atomic and committed when it returns, so no BEGIN/COMMIT round trips are paid and no
+  transaction outlives the statement.
+- The per-turn statements (units of work 1 and 2, the context read) and the consumer's
+  batch: ``async with database.hot("what") as conn``, the asyncpg connection under a
+  pooled connection, running a ``Statement`` compiled once. They run for every turn, and
+  SQLAlchemy's execution and result layers cost about 130 µs of CPU per statement on top of
+  the driver's 60 (docs/benchmarks.md, "the hot statements"); the pool, its checkout
+  order, the transaction log and the outage errors are the same as for the other two.
 
 When every connection is in use, a call's start (unit of work 1, ``priority=True``) gets
 the next free one before every other waiter (``CheckoutQueue``).
 
-Both log to one transaction logger and are traced by one instrumentation (SQLAlchemy's).
-Nothing is created at import time.
+All three log to one transaction logger. SQLAlchemy's instrumentation traces the first two;
+``hot`` statements get the same kind of span from ``server.tracing`` (it sees no SQLAlchemy
+execution). Nothing is created at import time.
 """
 
 from __future__ import annotations
@@ -20,15 +27,20 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Final, Protocol
 
+import asyncpg
 import sqlalchemy.exc
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from server import tracing
 from server.config import DatabaseSettings
+from server.db.outages import is_database_outage
 
 Executor = AsyncSession | AsyncConnection
 """What the data-access functions take: a unit of work's session or a single-statement connection."""
@@ -37,6 +49,78 @@ transaction_logger = logging.getLogger("server.db.transactions")
 
 # How long a call waits for a pooled connection before it fails UNAVAILABLE.
 _POOL_TIMEOUT_S: Final = 10
+
+
+class Row(Protocol):
+    """A result row read by column name: SQLAlchemy's ``RowMapping`` or the driver's record."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+class Statement:
+    """A hot statement, written with ``:named`` parameters and compiled once to asyncpg's ``$n`` form.
+
+    The SQL is a literal of the module that declares it, never built from input; asyncpg
+    prepares it once per connection and reuses it.
+    """
+
+    __slots__ = ("_names", "clause", "sql")
+
+    def __init__(self, sql: str) -> None:
+        self.clause: Final = text(sql)
+        """The same statement for a SQLAlchemy session (a unit of work of several statements)."""
+        compiled = self.clause.compile(dialect=asyncpg_dialect.dialect())  # type: ignore[no-untyped-call]
+        self.sql: Final = str(compiled)
+        # A name used twice is one $n: positiontup lists each name once, in $n order.
+        self._names: Final = tuple(compiled.positiontup or ())
+
+    def args(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The parameters in ``$n`` order."""
+        return tuple(params[name] for name in self._names)
+
+
+class HotConnection:
+    """The driver connection under one pooled connection, for one hot statement.
+
+    Errors keep the one family of the rest of the path: a constraint violation is raised as
+    SQLAlchemy's ``IntegrityError``; an outage stays the driver's error (``is_database_outage``
+    knows it), and the pooled connection is invalidated so that it is not handed out again.
+    """
+
+    __slots__ = ("_conn", "_driver")
+
+    def __init__(self, conn: AsyncConnection, driver: asyncpg.Connection) -> None:
+        self._conn = conn
+        self._driver = driver
+
+    async def fetchrow(self, statement: Statement, params: Mapping[str, Any]) -> Row | None:
+        """The statement's first row, or None."""
+        row: Row | None = await self._run(self._driver.fetchrow, statement, params)
+        return row
+
+    async def fetch(self, statement: Statement, params: Mapping[str, Any]) -> list[Row]:
+        """Every row of the statement."""
+        rows: list[Row] = await self._run(self._driver.fetch, statement, params)
+        return rows
+
+    async def fetchval(self, statement: Statement, params: Mapping[str, Any]) -> Any:
+        """The first column of the statement's first row."""
+        return await self._run(self._driver.fetchval, statement, params)
+
+    async def _run(
+        self, method: Callable[..., Awaitable[Any]], statement: Statement, params: Mapping[str, Any]
+    ) -> Any:
+        span = tracing.statement_span(statement.sql)
+        try:
+            with span if span is not None else contextlib.nullcontext():
+                return await method(statement.sql, *statement.args(params))
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise sqlalchemy.exc.IntegrityError(statement.sql, None, exc) from exc
+        except Exception as exc:
+            if is_database_outage(exc) or self._driver.is_closed():
+                # What SQLAlchemy does when one of its statements meets a dead connection.
+                await self._conn.invalidate(exc)
+            raise
 
 
 def create_engine(settings: DatabaseSettings, *, application_name: str = "chatstream") -> AsyncEngine:
@@ -52,7 +136,8 @@ def create_engine(settings: DatabaseSettings, *, application_name: str = "chatst
     restarts, the first statement on a dead connection fails as an outage (callers already
     ride those out: UNAVAILABLE with RetryInfo, unit of work 2's retries, the consumer's
     back-off), and SQLAlchemy then invalidates the whole pool, so the next checkout
-    connects afresh.
+    connects afresh. A hot statement (``Database.hot``) does not even pay that failure for
+    a connection that died idle: the driver saw its socket close, and it is replaced first.
     """
     size = settings.db_pool_size
     # Looked up at call time: OpenTelemetry's SQLAlchemy instrumentation wraps the module
@@ -214,6 +299,26 @@ class Database:
             self._autocommit.connect() as conn,
         ):
             yield conn
+
+    @contextlib.asynccontextmanager
+    async def hot(self, what: str, *, priority: bool = False) -> AsyncIterator[HotConnection]:
+        """The driver connection of a pooled connection, for one hot ``Statement``.
+
+        Like ``autocommit``, each statement is its own transaction. A connection whose
+        server went away while it sat in the pool is noticed here, without a round trip
+        (the driver saw the socket close), and replaced. ``priority`` as for ``begin``.
+        """
+        async with (
+            self._queue.permit(priority=priority),
+            self._logged(what, single=True),
+            self._autocommit.connect() as conn,
+        ):
+            driver = (await conn.get_raw_connection()).driver_connection
+            if driver is None or driver.is_closed():
+                await conn.invalidate()
+                driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            yield HotConnection(conn, driver)
 
     @contextlib.asynccontextmanager
     async def _logged(self, what: str, *, single: bool = False) -> AsyncIterator[None]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from sqlalchemy import text
-
-from server.db.engine import Database
+from server.db.engine import Database, Statement
 from server.turn_codec import TurnColumns
 
 # The consumer's batch: the messages of ended turns, the conversations' counters grown
@@ -17,7 +15,7 @@ from server.turn_codec import TurnColumns
 #   EXISTS skips turns whose conversation was deleted meanwhile.
 # - The counters' rows are locked in id order (the FOR UPDATE subquery sorts before it
 #   locks), so two consumers whose batches share conversations cannot deadlock.
-_PERSIST_BATCH: Final = text("""
+_PERSIST_BATCH: Final = Statement("""
 WITH t AS (
     SELECT * FROM unnest(
         CAST(:turn_ids AS uuid[]), CAST(:conversation_ids AS uuid[]), CAST(:seqs AS int[]),
@@ -66,6 +64,6 @@ async def insert_messages(database: Database, turns: TurnColumns) -> int:
     if not turns:
         return 0
     parameters = {name: getattr(turns, name) for name in TurnColumns.__slots__}
-    async with database.autocommit("persist batch") as conn:
-        inserted = await conn.scalar(_PERSIST_BATCH, parameters)
+    async with database.hot("persist batch") as conn:
+        inserted = await conn.fetchval(_PERSIST_BATCH, parameters)
     return int(inserted or 0)

@@ -1,13 +1,12 @@
-"""Row to domain mappers: one per domain type, for every query that returns it."""
+"""Row to domain mappers: one per domain type, for every query that returns it, on either path."""
 
 from __future__ import annotations
 
-from sqlalchemy import RowMapping
-
+from server.db.engine import Row
 from server.domain import Conversation, Message, Role, Turn, TurnStatus, Usage
 
 
-def turn(row: RowMapping) -> Turn:
+def turn(row: Row) -> Turn:
     """A turn from a row of ``chat.turns`` (extra columns are ignored)."""
     return Turn(
         id=row["id"],
@@ -27,7 +26,7 @@ def turn(row: RowMapping) -> Turn:
     )
 
 
-def conversation(row: RowMapping) -> Conversation:
+def conversation(row: Row) -> Conversation:
     """A conversation from a row of ``chat.conversations``."""
     return Conversation(
         id=row["id"],
@@ -39,7 +38,7 @@ def conversation(row: RowMapping) -> Conversation:
     )
 
 
-def message(row: RowMapping) -> Message:
+def message(row: Row) -> Message:
     """A message from a row of ``chat.messages``."""
     return Message(
         id=row["id"],

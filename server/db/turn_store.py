@@ -1,8 +1,8 @@
 """The turn's rows: start (unit of work 1), outcome (unit of work 2), reads, relay work.
 
 Units of work 1 and 2 run for every turn, so their cost is the service's per-turn floor:
-each is one statement whose CTEs do all of it, sent on an AUTOCOMMIT connection (one
-round trip, atomic, committed when it returns). The statements are plain literals
+each is one statement whose CTEs do all of it, sent as a hot statement (one round trip,
+atomic, committed when it returns; ``Database.hot``). The statements are plain literals
 (schema ``chat`` spelled out), never built from input; asyncpg prepares each once per
 connection.
 
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
-from sqlalchemy import TextClause, func, or_, select, text, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from server.db import rows
-from server.db.engine import Database, Executor
+from server.db.engine import Database, Executor, Statement
 from server.db.tables import Base, ConversationRow, TurnRow
 from server.domain import Exchange, Turn, TurnEnding, TurnStatus
 
@@ -33,7 +33,7 @@ _TURNS: Final = Base.metadata.tables["chat.turns"]
 # An existing conversation: lock it, insert the turn numbered after the last one, and
 # bump the counter only if the turn went in. ON CONFLICT DO NOTHING turns both "this
 # request_id was used" and "another turn is streaming" into an empty result.
-_START_IN_CONVERSATION: Final = text("""
+_START_IN_CONVERSATION: Final = Statement("""
 WITH c AS MATERIALIZED (
     SELECT id, turn_count FROM chat.conversations
     WHERE id = :conversation_id AND owner = :owner
@@ -58,7 +58,7 @@ SELECT * FROM t
 # conversation insert is skipped (its (owner, request_id) is taken) the turn's
 # reference fails and the whole statement rolls back: never a conversation without
 # its first turn, nor a turn without its conversation.
-_START_NEW_CONVERSATION: Final = text("""
+_START_NEW_CONVERSATION: Final = Statement("""
 WITH t AS (
     INSERT INTO chat.turns
         (id, conversation_id, owner, seq, request_id, user_text, status, model, lease_expires_at)
@@ -76,7 +76,7 @@ SELECT * FROM t
 
 # Unit of work 2: store the outcome of a turn that is still STREAMING; if it is not
 # (the lease sweeper marked it INTERRUPTED), return the stored row untouched.
-_STORE_OUTCOME: Final = text("""
+_STORE_OUTCOME: Final = Statement("""
 WITH u AS (
     UPDATE chat.turns SET
         assistant_text = :assistant_text, status = :status, stop_reason = :stop_reason,
@@ -90,7 +90,7 @@ UNION ALL
 SELECT * FROM chat.turns WHERE id = :turn_id AND NOT EXISTS (SELECT 1 FROM u)
 """)
 
-_LIST_EXCHANGES: Final = text("""
+_LIST_EXCHANGES: Final = Statement("""
 SELECT seq, user_text, assistant_text FROM chat.turns
 WHERE conversation_id = :conversation_id AND seq < :before_seq AND status <> 'STREAMING'
 ORDER BY seq DESC
@@ -155,8 +155,8 @@ async def start_turn(database: Database, request: TurnRequest) -> StartResult:
     turn_id = uuid.uuid4()
     statement, params = _start_statement(request, turn_id, request.conversation_id)
     try:
-        async with database.autocommit("start turn", priority=True) as conn:
-            row = (await conn.execute(statement, params)).mappings().first()
+        async with database.hot("start turn", priority=True) as conn:
+            row = await conn.fetchrow(statement, params)
     except IntegrityError:
         # A new conversation whose (owner, request_id) was taken by CreateConversation:
         # the statement rolled back; the slow path finds that conversation.
@@ -186,7 +186,7 @@ async def _start_contended(session: Executor, request: TurnRequest, turn_id: uui
         if conversation_id is None:
             return ConversationNotFound()
     statement, params = _start_statement(request, turn_id, conversation_id)
-    row = (await session.execute(statement, params)).mappings().first()
+    row = (await session.execute(statement.clause, params)).mappings().first()
     if row is not None:
         return Started(turn=rows.turn(row))
     owned = await session.scalar(
@@ -222,7 +222,7 @@ async def _find_by_request_id(session: Executor, request: TurnRequest) -> Existi
 
 def _start_statement(
     request: TurnRequest, turn_id: uuid.UUID, conversation_id: uuid.UUID | None
-) -> tuple[TextClause, dict[str, Any]]:
+) -> tuple[Statement, dict[str, Any]]:
     params: dict[str, Any] = {
         "conversation_id": conversation_id or uuid.uuid4(),
         "owner": request.owner,
@@ -243,8 +243,8 @@ async def store_outcome(database: Database, *, turn_id: uuid.UUID, ending: TurnE
     ``ending.last_seq`` the number of the turn's terminal event. A turn that is no longer
     STREAMING (the sweeper interrupted it) is returned as stored.
     """
-    async with database.autocommit("store outcome") as conn:
-        result = await conn.execute(
+    async with database.hot("store outcome") as conn:
+        row = await conn.fetchrow(
             _STORE_OUTCOME,
             {
                 "turn_id": turn_id,
@@ -258,7 +258,6 @@ async def store_outcome(database: Database, *, turn_id: uuid.UUID, ending: TurnE
                 "last_seq": ending.last_seq,
             },
         )
-        row = result.mappings().first()
     return None if row is None else rows.turn(row)
 
 
@@ -272,17 +271,20 @@ async def find_turn_by_request_id(executor: Executor, *, owner: str, request_id:
 
 
 async def list_exchanges(
-    executor: Executor, *, conversation_id: uuid.UUID, before_seq: int, limit: int
+    database: Database, *, conversation_id: uuid.UUID, before_seq: int, limit: int
 ) -> list[Exchange]:
-    """The last ``limit`` ended turns before ``before_seq``, oldest first (read from turn rows, I11)."""
+    """The last ``limit`` ended turns before ``before_seq``, oldest first (read from turn rows, I11).
+
+    One read-only hot statement, run before the model is called.
+    """
     if limit <= 0:
         return []
-    result = await executor.execute(
-        _LIST_EXCHANGES, {"conversation_id": conversation_id, "before_seq": before_seq, "limit": limit}
-    )
+    async with database.hot("list exchanges") as conn:
+        found = await conn.fetch(
+            _LIST_EXCHANGES, {"conversation_id": conversation_id, "before_seq": before_seq, "limit": limit}
+        )
     exchanges = [
-        Exchange(seq=r["seq"], user_text=r["user_text"], assistant_text=r["assistant_text"])
-        for r in result.mappings()
+        Exchange(seq=r["seq"], user_text=r["user_text"], assistant_text=r["assistant_text"]) for r in found
     ]
     exchanges.reverse()
     return exchanges
