@@ -86,6 +86,11 @@ class Production:
             self.task.cancel()
 
 
+def _started(turn: Turn) -> Sequenced:
+    """A turn's first event."""
+    return Sequenced(1, TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id))
+
+
 class Producer:
     """Produces turns; one per server process."""
 
@@ -115,8 +120,16 @@ class Producer:
         self._metrics = metrics
 
     def start(self, turn: Turn, began: float) -> Production:
-        """Starts producing ``turn`` in a task of its own."""
+        """Starts producing ``turn`` in a task of its own; its caller can send TurnStarted at once.
+
+        TurnStarted is in the outbox before the task's first step, so the caller does not
+        wait a pass of a busy event loop for the task to be scheduled. It has no text, and
+        unit of work 1 made the turn durable: it needs no live log to be sent.
+        """
         production = Production(turn, live_log=self._live_log is not None)
+        production.outbox.put(_started(turn))
+        production.outbox.release(1)
+        production.seq = 1
         production.task = asyncio.create_task(self._produce(production, began), name=f"turn {turn.id}")
         self._leases.track(production.task)
         return production
@@ -154,9 +167,8 @@ class Producer:
             with self._leases.hold(turn.id):
                 try:
                     async with asyncio.timeout(self._settings.turns.max_turn_s):
-                        emit(Sequenced(1, TurnStarted(conversation_id=turn.conversation_id, turn_id=turn.id)))
-                        # No text in it, and unit of work 1 made it durable: no need to wait.
-                        production.outbox.release(1)
+                        # The caller has it already (``start``); watchers get it from the live log.
+                        emit(_started(turn), caller=False)
                         history = await self._context.load(
                             turn.conversation_id,
                             owner=turn.owner,
