@@ -576,6 +576,7 @@ async def _postgres(
     from server.db import lease_store, message_store, turn_store
     from server.db.engine import Database
     from server.domain import TurnEnding, TurnStatus, Usage
+    from server.turn_codec import TurnColumns
 
     settings = Settings.from_env(
         {
@@ -684,7 +685,7 @@ async def _postgres(
         async def one_shard() -> None:
             while queue:
                 part = queue.pop()
-                inserted = await message_store.insert_messages(database, part)
+                inserted = await message_store.insert_messages(database, TurnColumns.of(part))
                 counts["rows"] += inserted
                 counts["statements"] += 1
 
