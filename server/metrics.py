@@ -7,12 +7,17 @@ several instances in one process (tests, dev mode) never mix their numbers.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +26,25 @@ logger = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class _FrozenHeap(Collector):
+    """How many objects the process took out of the garbage collector's passes at start-up."""
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "chatstream_gc_frozen_objects",
+            "Objects alive after start-up that no garbage collection walks (gc.freeze, "
+            "server/runtime.py); 0 in a process that was not started as a service.",
+            value=gc.get_freeze_count(),
+        )
+
+
 class Metrics:
     """Every metric chatstream exports."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        r.register(_FrozenHeap())
         self.time_to_first_token = Histogram(
             "chatstream_time_to_first_token_seconds",
             "From the start of a Chat call to its first token: `stage` is upstream (the model's first "

@@ -25,6 +25,7 @@ from server.metrics import Metrics
 from server.redis_client import create_redis
 from tests.conftest import StartServer, eventually
 from tests.fake_anthropic import Error, FakeAnthropic, Gate, Stream
+from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -70,6 +71,28 @@ async def test_metrics_endpoint_reports_turns_tokens_latencies_and_streams(
     assert samples[("chatstream_unit_of_work_seconds_count", (("unit", "finish"),))] == 2
     first = samples[("chatstream_time_to_first_token_seconds_sum", (("stage", "written"),))]
     assert 0 < first < 5
+
+
+async def test_a_serving_process_freezes_its_start_up_heap_out_of_garbage_collection(
+    settings: Settings, fake: FakeAnthropic
+) -> None:
+    # Full collections walked the whole start-up heap: 100-200 ms pauses under load, seen by
+    # every stream as a gap (docs/benchmarks.md). A real ``serve``, as an operator runs it.
+    address, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+    env = settings_env(
+        settings, CHATSTREAM_LISTEN=address, CHATSTREAM_METRICS_LISTEN=f"127.0.0.1:{metrics_port}"
+    )
+    process = ChatstreamProcess(["serve"], env)
+    try:
+        wait_for_port(address, process=process)
+        async with AsyncChatClient(address) as client:
+            await client.chat_reply("after start-up")
+        samples = await _scrape(metrics_port)
+        assert process.terminate(timeout_s=30) == 0
+    finally:
+        process.close()
+    # Modules, descriptors and SDK classes: far more than a few thousand objects.
+    assert samples[("chatstream_gc_frozen_objects", ())] > 50_000
 
 
 async def test_consumer_metrics_count_persisted_messages(client: AsyncChatClient, settings: Settings) -> None:
