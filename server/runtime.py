@@ -50,15 +50,15 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 
 def freeze_start_up_heap() -> None:
-    """Takes everything alive once a component has started out of the cyclic collector's sight.
+    """Takes everything alive before a component starts out of the cyclic collector's sight.
 
     A serving process's heap is mostly what start-up made: modules, protobuf descriptors,
     the SDKs' classes. Each full (generation 2) collection walked all of it: under P6's
     load (600 streams at 20 tokens/s) that was 100-200 ms with the loop stopped, every
     few seconds, and every stream saw the pause as a gap (docs/benchmarks.md, "garbage
     collector pauses"). ``gc.freeze`` moves those objects to a permanent generation that
-    no collection visits; what calls and turns allocate later is collected as before.
-    The collection first leaves no start-up garbage frozen in.
+    no collection visits; what the component and its calls allocate later is collected as
+    before. The collection first leaves no import garbage frozen in.
     """
     gc.collect()
     gc.freeze()
@@ -96,10 +96,12 @@ async def serve_until_signal(component: Component) -> None:
             logger.info("stopping on %s", sig.name)
         requested.set()
 
+    # Before start: the collection stops the loop for a moment, which the load monitor
+    # (server/load.py) would read as overload and shed the first calls for.
+    freeze_start_up_heap()
     with on_stop_signals(request_stop):
         try:
             await component.start()
-            freeze_start_up_heap()
             stopped = asyncio.create_task(component.wait_stopped(), name="component")
             signalled = asyncio.create_task(requested.wait(), name="stop signal")
             await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
