@@ -102,6 +102,9 @@ async def serve_until_signal(component: Component) -> None:
     with on_stop_signals(request_stop):
         try:
             await component.start()
+            # And what start made (clients, pools, the gRPC server): no second collection,
+            # since gc.freeze alone only moves the collector's lists and does not stop the loop.
+            gc.freeze()
             stopped = asyncio.create_task(component.wait_stopped(), name="component")
             signalled = asyncio.create_task(requested.wait(), name="stop signal")
             await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
