@@ -57,8 +57,9 @@ def freeze_start_up_heap() -> None:
     load (600 streams at 20 tokens/s) that was 100-200 ms with the loop stopped, every
     few seconds, and every stream saw the pause as a gap (docs/benchmarks.md, "garbage
     collector pauses"). ``gc.freeze`` moves those objects to a permanent generation that
-    no collection visits; what the component and its calls allocate later is collected as
-    before. The collection first leaves no import garbage frozen in.
+    no collection visits; what calls and turns allocate later is collected as before
+    (``serve_until_signal`` also freezes what the component's start made). The collection
+    first leaves no import garbage frozen in.
     """
     gc.collect()
     gc.freeze()
