@@ -22,8 +22,6 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-from server.config import Settings
-from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
 from tests.raw_http2 import grpc_frame
 
 
@@ -280,15 +278,3 @@ def rss_bytes(pid: int) -> int:
 def open_fds(pid: int) -> int:
     """How many file descriptors process ``pid`` holds."""
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
-
-
-@contextlib.contextmanager
-def serve_process(settings: Settings, **env: str) -> Iterator[tuple[ChatstreamProcess, str]]:
-    """A real `chatstream serve` process on a free port, with extra CHATSTREAM_* variables."""
-    address = f"127.0.0.1:{free_port()}"
-    process = ChatstreamProcess(["serve"], settings_env(settings, CHATSTREAM_LISTEN=address, **env))
-    try:
-        wait_for_port(address, process=process)
-        yield process, address
-    finally:
-        process.close()

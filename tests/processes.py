@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -112,6 +113,18 @@ def wait_for_port(address: str, *, timeout_s: float = 30, process: ChatstreamPro
             if time.monotonic() > deadline:
                 raise AssertionError(f"nothing listens on {address}") from None
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serve_process(settings: Settings, **env: str) -> Iterator[tuple[ChatstreamProcess, str]]:
+    """A real `chatstream serve` process on a free port, with extra variables; killed if still running."""
+    address = f"127.0.0.1:{free_port()}"
+    process = ChatstreamProcess(["serve"], settings_env(settings, CHATSTREAM_LISTEN=address, **env))
+    try:
+        wait_for_port(address, process=process)
+        yield process, address
+    finally:
+        process.close()
 
 
 class RedisProcess:

@@ -26,7 +26,7 @@ from server.app import ChatServer
 from server.config import Settings
 from tests.conftest import eventually
 from tests.fake_anthropic import FakeAnthropic, Stream
-from tests.hostile import serve_process
+from tests.processes import serve_process
 from tests.raw_http2 import RawHttp2
 
 _REPLY = [f"w{i} " for i in range(20)]

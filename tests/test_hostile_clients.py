@@ -27,11 +27,11 @@ from tests.hostile import (
     idle_connections,
     open_fds,
     rss_bytes,
-    serve_process,
     stream_flood,
     wait_for_goaway,
 )
 from tests.probes import assert_clean_error, assert_still_serving, health_status, rpc_error
+from tests.processes import serve_process
 
 WATCH = "/grpc.health.v1.Health/Watch"
 SERVING = health_pb2.HealthCheckResponse.SERVING

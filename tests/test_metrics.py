@@ -25,7 +25,7 @@ from server.metrics import Metrics
 from server.redis_client import create_redis
 from tests.conftest import StartServer, eventually
 from tests.fake_anthropic import Error, FakeAnthropic, Gate, Stream
-from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
+from tests.processes import free_port, serve_process
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -78,19 +78,12 @@ async def test_a_serving_process_freezes_its_start_up_heap_out_of_garbage_collec
 ) -> None:
     # Full collections walked the whole start-up heap: 100-200 ms pauses under load, seen by
     # every stream as a gap (docs/benchmarks.md). A real ``serve``, as an operator runs it.
-    address, metrics_port = f"127.0.0.1:{free_port()}", free_port()
-    env = settings_env(
-        settings, CHATSTREAM_LISTEN=address, CHATSTREAM_METRICS_LISTEN=f"127.0.0.1:{metrics_port}"
-    )
-    process = ChatstreamProcess(["serve"], env)
-    try:
-        wait_for_port(address, process=process)
+    metrics_port = free_port()
+    with serve_process(settings, CHATSTREAM_METRICS_LISTEN=f"127.0.0.1:{metrics_port}") as (process, address):
         async with AsyncChatClient(address) as client:
             await client.chat_reply("after start-up")
         samples = await _scrape(metrics_port)
         assert process.terminate(timeout_s=30) == 0
-    finally:
-        process.close()
     # Modules, descriptors and SDK classes: far more than a few thousand objects.
     assert samples[("chatstream_gc_frozen_objects", ())] > 50_000
 

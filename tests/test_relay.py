@@ -30,7 +30,7 @@ from server.redis_client import RedisEvictionPolicyError, create_redis
 from server.turn_codec import encode_turn
 from tests.conftest import Consume, StartServer, eventually, stream_entries, stream_lengths
 from tests.fake_anthropic import FakeAnthropic, Gate, Stream
-from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
+from tests.processes import free_port, serve_process, settings_env
 
 # Also on a real Redis Cluster (tests/conftest.py, CHATSTREAM_TEST_REDIS).
 pytestmark = pytest.mark.redis_cluster
@@ -125,11 +125,7 @@ async def test_turn_of_a_killed_server_becomes_interrupted_and_the_conversation_
 ) -> None:
     """kill -9 the server mid-stream: its lease expires, the turn ends INTERRUPTED, the user
     message stays, and so does the partial reply its live log kept."""
-    address = f"127.0.0.1:{free_port()}"
-    env = settings_env(settings, CHATSTREAM_LISTEN=address, CHATSTREAM_TURN_LEASE_S="1")
-    process = ChatstreamProcess(["serve"], env)
-    try:
-        wait_for_port(address, process=process)
+    with serve_process(settings, CHATSTREAM_TURN_LEASE_S="1") as (process, address):
         fake.script(Stream(["half"], then="stall"))
         async with AsyncChatClient(address) as doomed:
             events = doomed.chat("are you there?")
@@ -146,8 +142,6 @@ async def test_turn_of_a_killed_server_becomes_interrupted_and_the_conversation_
                 await anext(events)
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
             await events.aclose()
-    finally:
-        process.close()
     conversation = started.started.conversation
     assert await db.fetchval("SELECT status FROM chat.turns") == "STREAMING"
 

@@ -19,22 +19,16 @@ from server.config import Settings
 from server.constants import PERSISTENCE_GROUP, turns_stream
 from tests.conftest import eventually
 from tests.fake_anthropic import FakeAnthropic, Stream
-from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
+from tests.processes import ChatstreamProcess, serve_process, settings_env
 
 
 async def test_sigterm_drains_the_server_and_records_streams_cut_by_the_grace_period(
     settings: Settings, fake: FakeAnthropic, db: asyncpg.Connection
 ) -> None:
-    address = f"127.0.0.1:{free_port()}"
-    env = settings_env(
-        settings,
-        CHATSTREAM_LISTEN=address,
-        CHATSTREAM_SHUTDOWN_GRACE_S="2",
-        CHATSTREAM_SHUTDOWN_DRAIN_S="0.3",
-    )
-    process = ChatstreamProcess(["serve"], env)
-    try:
-        wait_for_port(address, process=process)
+    with serve_process(settings, CHATSTREAM_SHUTDOWN_GRACE_S="2", CHATSTREAM_SHUTDOWN_DRAIN_S="0.3") as (
+        process,
+        address,
+    ):
         fake.script(Stream(["stuck"], then="stall"), Stream(["quick", " one"], delay_s=0.4))
         async with (
             AsyncChatClient(address) as client,
@@ -67,8 +61,6 @@ async def test_sigterm_drains_the_server_and_records_streams_cut_by_the_grace_pe
             assert caught.value.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
             assert time.monotonic() - signalled_at < 10
         assert process.process.wait(timeout=15) == 0
-    finally:
-        process.close()
     rows = await db.fetch("SELECT user_text, status, assistant_text FROM chat.turns ORDER BY user_text")
     assert [tuple(r) for r in rows] == [
         ("this one ends in time", "COMPLETED", "quick one"),
@@ -81,16 +73,10 @@ async def test_sigterm_drains_turns_that_continue_without_their_client(
 ) -> None:
     """ON_DISCONNECT_CONTINUE turns have no call for the gRPC server's grace to wait for: the
     shutdown lets them finish within the grace period like any other, then cancels the rest."""
-    address = f"127.0.0.1:{free_port()}"
-    env = settings_env(
-        settings,
-        CHATSTREAM_LISTEN=address,
-        CHATSTREAM_SHUTDOWN_GRACE_S="3",
-        CHATSTREAM_SHUTDOWN_DRAIN_S="0.3",
-    )
-    process = ChatstreamProcess(["serve"], env)
-    try:
-        wait_for_port(address, process=process)
+    with serve_process(settings, CHATSTREAM_SHUTDOWN_GRACE_S="3", CHATSTREAM_SHUTDOWN_DRAIN_S="0.3") as (
+        process,
+        address,
+    ):
         fake.script(Stream(["stuck"], then="stall"), Stream(["slow ", "but ", "in ", "time"], delay_s=0.3))
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.ChatServiceStub(channel)
@@ -105,8 +91,6 @@ async def test_sigterm_drains_turns_that_continue_without_their_client(
         process.process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.process.wait, 15) == 0
         assert time.monotonic() - signalled_at < 10
-    finally:
-        process.close()
     rows = await db.fetch("SELECT user_text, status, assistant_text FROM chat.turns ORDER BY user_text")
     assert [tuple(r) for r in rows] == [
         ("this one ends in time", "COMPLETED", "slow but in time"),

@@ -9,27 +9,18 @@ from chatstream import AsyncChatClient
 
 from server.config import Settings
 from tests.fake_anthropic import FakeAnthropic
-from tests.processes import ChatstreamProcess, free_port, settings_env, wait_for_port
+from tests.processes import serve_process
 
 
 async def test_otel_env_turns_on_spans_for_grpc_sql_and_redis(
     settings: Settings, fake: FakeAnthropic
 ) -> None:
-    address = f"127.0.0.1:{free_port()}"
-    env = settings_env(
-        settings,
-        CHATSTREAM_LISTEN=address,
-        OTEL_TRACES_EXPORTER="console",
-        OTEL_SERVICE_NAME="chatstream-trace-test",
-    )
-    process = ChatstreamProcess(["serve"], env)
-    try:
-        wait_for_port(address, process=process)
+    with serve_process(
+        settings, OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="chatstream-trace-test"
+    ) as (process, address):
         async with AsyncChatClient(address) as client:
             await client.chat_reply("trace me")
         assert process.terminate(timeout_s=30) == 0
-    finally:
-        process.close()
     output = process.log()
     assert '"service.name": "chatstream-trace-test"' in output
     assert '"name": "chatstream.v1.ChatService/Chat"' in output  # the gRPC server span
