@@ -16,6 +16,7 @@ variables (endpoint, headers, sampler) are honoured by the SDK itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -96,15 +97,15 @@ def configure_tracing(default_service_name: str) -> bool:
     return True
 
 
-def statement_span(sql: str) -> AbstractContextManager[object] | None:
-    """A CLIENT span for one SQL statement run on the driver connection; None when tracing is off.
+def statement_span(sql: str) -> AbstractContextManager[object]:
+    """A CLIENT span for one SQL statement run on the driver connection; nothing when tracing is off.
 
     It carries what SQLAlchemy's instrumentation puts on the spans of every other
     statement (``db.system``, ``db.statement``), so a trace shows all of a turn's SQL.
     """
     tracer = _state.get("tracer")
     if tracer is None:
-        return None
+        return contextlib.nullcontext()
     from opentelemetry.trace import SpanKind, Tracer
 
     return cast(Tracer, tracer).start_as_current_span(

@@ -110,9 +110,8 @@ class HotConnection:
     async def _run(
         self, method: Callable[..., Awaitable[Any]], statement: Statement, params: Mapping[str, Any]
     ) -> Any:
-        span = tracing.statement_span(statement.sql)
         try:
-            with span if span is not None else contextlib.nullcontext():
+            with tracing.statement_span(statement.sql):
                 return await method(statement.sql, *statement.args(params))
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise sqlalchemy.exc.IntegrityError(statement.sql, None, exc) from exc
