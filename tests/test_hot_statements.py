@@ -17,7 +17,7 @@ import sqlalchemy.exc
 from server.config import DatabaseSettings
 from server.db.engine import Database, Statement
 from server.db.outages import is_database_outage
-from tests.conftest import Services
+from tests.conftest import Services, eventually
 
 _APP = "chatstream-hot-test"
 _PID = Statement("SELECT pg_backend_pid()")
@@ -42,6 +42,30 @@ async def _terminate(services: Services, pid: int) -> None:
     conn = await asyncpg.connect(services.asyncpg_dsn)
     try:
         assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await conn.close()
+
+
+async def _sleep(database: Database) -> None:
+    """A statement that runs for 5 s on the pool's one connection."""
+    async with database.hot("sleep") as conn:
+        await conn.fetchval(_SLEEP, {"seconds": 5})
+
+
+async def _until_sleeping(services: Services) -> None:
+    """Waits until PostgreSQL runs ``_sleep``'s statement."""
+    conn = await asyncpg.connect(services.asyncpg_dsn)
+    try:
+
+        async def running() -> bool:
+            found = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
+                _APP,
+            )
+            return bool(found)
+
+        await eventually(running, what="the statement to run")
     finally:
         await conn.close()
 
@@ -77,12 +101,8 @@ async def test_a_backend_that_dies_mid_statement_is_an_outage_and_its_connection
 ) -> None:
     pid = await _pid(database)
 
-    async def sleep() -> None:
-        async with database.hot("sleep") as conn:
-            await conn.fetchval(_SLEEP, {"seconds": 5})
-
-    sleeping = asyncio.create_task(sleep())
-    await asyncio.sleep(0.3)
+    sleeping = asyncio.create_task(_sleep(database))
+    await _until_sleeping(services)
     await _terminate(services, pid)
     with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)) as raised:
         await sleeping
@@ -101,14 +121,10 @@ async def test_a_constraint_violation_is_sqlalchemys_integrity_error_and_the_con
 
 
 async def test_a_statement_cancelled_mid_flight_leaves_its_pooled_connection_usable(
-    database: Database,
+    services: Services, database: Database
 ) -> None:
-    async def sleep() -> None:
-        async with database.hot("sleep") as conn:
-            await conn.fetchval(_SLEEP, {"seconds": 5})
-
-    sleeping = asyncio.create_task(sleep())
-    await asyncio.sleep(0.3)
+    sleeping = asyncio.create_task(_sleep(database))
+    await _until_sleeping(services)
     sleeping.cancel()
     with pytest.raises(asyncio.CancelledError):
         await sleeping
