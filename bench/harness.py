@@ -85,7 +85,7 @@ class Config:
     p3_ramp: float = 10.0
     p3_clients: int = 4
     p3_steps: list[int] = field(default_factory=lambda: [1500, 2000, 3000, 4000])
-    p3_steps_down: list[int] = field(default_factory=lambda: [300, 100])
+    p3_steps_down: list[int] = field(default_factory=lambda: [700, 500, 400, 300, 100])
     p3_step_duration: float = 10.0
     p3_compare_duration: float = 10.0
     # P4: 64 clients, 20-token replies, 5 turns per conversation.
