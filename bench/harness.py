@@ -64,6 +64,8 @@ class Config:
     quick: bool
     phases: set[str]
     reps: int = 3
+    streams_per_channel: int = 50
+    """gRPC streams per channel (one TCP connection each) in a load process."""
     # P1/P2: 100 streams of 500-token replies from the fast upstream.
     p1_streams: int = 100
     p1_tokens: int = 500
@@ -141,6 +143,8 @@ class Config:
             cfg.p3_steps_down = [n for n in reversed(steps) if n < cfg.p3_streams]
         if args.p5_turns is not None:
             cfg.p5_turns = args.p5_turns
+        if args.streams_per_channel is not None:
+            cfg.streams_per_channel = args.streams_per_channel
         if args.p6_capacity is not None:
             cfg.p6_capacity = args.p6_capacity
         if args.p6_duration is not None:
@@ -431,6 +435,7 @@ class Bench:
             argv += ["--warmup", str(warmup), "--window", str(window), "--ramp", str(ramp)]
             argv += ["--drain", str(drain), "--conv-turns", str(conv_turns)]
             argv += ["--turns-per-stream", str(turns_per_stream), "--out", str(out)]
+            argv += ["--streams-per-channel", str(self.cfg.streams_per_channel)]
             if retry_refused:
                 argv.append("--retry-refused")
             if system.target == "sse":
@@ -958,7 +963,7 @@ class Bench:
         }
         if spy and profile_path.exists():
             summary = report.summarize_profile(profile_path.read_text())
-            summary["raw"] = str(profile_path.relative_to(ROOT))
+            summary["raw"] = _shown(profile_path)
             summary["what"] = "chatstream consume --burst draining P5's backlog (whole process life)"
             self.results.setdefault("profiles", {})["P5"] = summary
 
@@ -1053,7 +1058,7 @@ class Bench:
             return
         summary = report.summarize_profile(raw.read_text())
         summary["while_profiled"] = {k: run[k] for k in ("tokens_per_s", "turns_per_s", "cpu_s")}
-        summary["raw"] = str(raw.relative_to(ROOT))
+        summary["raw"] = _shown(raw)
         summary["what"] = f"chatstream serve under {phase}'s load"
         profiles[phase] = summary
 
@@ -1404,6 +1409,11 @@ def _wait_ready(child: Child, *, timeout_s: float) -> None:
     raise RuntimeError(f"{child.name} did not get ready\n{log_tail(child)}")
 
 
+def _shown(path: Path) -> str:
+    """A result file's path for the report: relative if it is in the repository (``--out`` need not be)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
@@ -1438,6 +1448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--reps", type=int, help="repetitions of P1, P2 and P4 (default 3; 1 with --quick)")
     parser.add_argument("--p3-streams", type=int, help="P3's concurrent streams (default 1000)")
+    parser.add_argument(
+        "--streams-per-channel", type=int, help="gRPC streams per TCP connection of the load (default 50)"
+    )
     parser.add_argument(
         "--p3-steps",
         help="P3's other sizes, e.g. 150,200,300: those above --p3-streams are tried while they pass, "
