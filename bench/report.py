@@ -278,6 +278,8 @@ def _summary_rows(results: dict[str, Any]) -> list[str]:
         steps = p3.get("beyond", [])
         beyond = ", ".join(f"{b['streams']:,}: {'pass' if b['pass'] else 'FAIL'}" for b in steps)
         step_s = f"{steps[0]['tokens_per_reply'] / 20:.0f} s turns" if steps else "no steps"
+        if p3.get("steps_on_fresh_server"):
+            step_s += ", each below on a fresh server"
         rows.append(
             f"| P3 | how far it goes ({step_s}; past 1,000 if it passed, else below) | highest passing: "
             f"**{p3['highest_passing_streams']:,}** streams ({beyond or 'no steps run'}) | | | report | |"
