@@ -64,8 +64,11 @@ class Config:
     quick: bool
     phases: set[str]
     reps: int = 3
-    streams_per_channel: int = 50
-    """gRPC streams per channel (one TCP connection each) in a load process."""
+    streams_per_channel: int = 10
+    """gRPC streams per channel (one TCP connection each) in a load process. ``serve --workers 2``
+    balances connections, not calls (SO_REUSEPORT): at 50 per connection P6's 200 streams were
+    four connections, and in the 15:54 run of 2026-12-01 all four landed on one worker while
+    the other idled. At 10, the load spreads over the workers as a fleet of clients' would."""
     # P1/P2: 100 streams of 500-token replies from the fast upstream.
     p1_streams: int = 100
     p1_tokens: int = 500
@@ -1478,7 +1481,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="repetitions of P1, P2 and P4 (default 3; 1 with --quick)")
     parser.add_argument("--p3-streams", type=int, help="P3's concurrent streams (default 1000)")
     parser.add_argument(
-        "--streams-per-channel", type=int, help="gRPC streams per TCP connection of the load (default 50)"
+        "--streams-per-channel", type=int, help="gRPC streams per TCP connection of the load (default 10)"
     )
     parser.add_argument(
         "--p3-steps",
