@@ -263,7 +263,9 @@ def _summary_rows(results: dict[str, Any]) -> list[str]:
             got = f"{r['tokens_total']:,}/{r['tokens_expected']:,} tokens"
             errs = sum(r["errors"].values()) + r["cut"]
             gap, rss = _f(r["gap_p99_ms"], 0), _f(r["server_rss_max_mb"], 0)
-            return f"{got}, {errs} errors, gap p99 {gap} ms, RSS {rss} MB"
+            cpu = r.get("server_cpu_us_per_token")
+            per_token = f", server CPU {_f(cpu, 1)} µs per delivered token" if cpu is not None else ""
+            return f"{got}, {errs} errors, gap p99 {gap} ms, RSS {rss} MB{per_token}"
 
         rows.append(
             f"| P3 | {main['streams']:,} streams x 20 tokens/s, {main['tokens_per_reply'] / 20:.0f} s "
