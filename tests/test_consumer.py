@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import cast
 
 import asyncpg
@@ -12,8 +11,7 @@ import redis.asyncio as aioredis
 from chatstream import AsyncChatClient, Role
 
 from server.constants import DEAD_LETTER_STREAM, PERSISTENCE_GROUP, turns_stream
-from server.domain import Turn, TurnStatus, Usage
-from server.turn_codec import decode_turn, encode_turn
+from server.turn_codec import decode_turn
 from tests.conftest import Consume
 from tests.fake_anthropic import FakeAnthropic, Stream
 
@@ -237,54 +235,3 @@ async def test_an_entry_of_the_first_release_is_persisted_with_the_ids_that_rele
     assert {r["created_at"].isoformat() for r in rows} == {"2026-12-01T05:00:00.123456+00:00"}
     assert await db.fetchval("SELECT persisted_at IS NOT NULL FROM chat.turns") is True
     assert await db.fetchval("SELECT message_count FROM chat.conversations") == 2
-
-
-async def test_a_message_belongs_to_its_turns_conversation_whatever_the_entry_says(
-    redis: aioredis.Redis, consume: Consume, db: asyncpg.Connection
-) -> None:
-    """The statement takes a message's conversation from its turn's row (migration 0004).
-
-    messages.conversation_id has no foreign key of its own, so an entry naming another
-    conversation (a bug or a hand-edited stream) must not put messages, or their count,
-    there.
-    """
-    turns_conversation, other = uuid.uuid4(), uuid.uuid4()
-    for conversation in (turns_conversation, other):
-        await db.execute(
-            "INSERT INTO chat.conversations (id, owner, turn_count) VALUES ($1, 'anonymous', 1)", conversation
-        )
-    turn_id = uuid.uuid4()
-    await db.execute(
-        "INSERT INTO chat.turns (id, conversation_id, owner, seq, user_text, assistant_text, status, model)"
-        " VALUES ($1, $2, 'anonymous', 1, 'hi', 'Hello.', 'COMPLETED', 'claude-test')",
-        turn_id,
-        turns_conversation,
-    )
-    now = datetime.now(UTC)
-    entry = encode_turn(
-        Turn(
-            id=turn_id,
-            conversation_id=other,
-            owner="anonymous",
-            seq=1,
-            request_id=None,
-            user_text="hi",
-            assistant_text="Hello.",
-            status=TurnStatus.COMPLETED,
-            stop_reason="end_turn",
-            usage=Usage(input_tokens=1, output_tokens=1),
-            model="claude-test",
-            created_at=now,
-            completed_at=now,
-        )
-    )
-    await redis.xadd(turns_stream(0), entry)  # type: ignore[arg-type]
-
-    stats = await consume()
-
-    assert (stats.entries, stats.messages_inserted) == (1, 2)
-    assert {r["conversation_id"] for r in await db.fetch("SELECT conversation_id FROM chat.messages")} == {
-        turns_conversation
-    }
-    rows = await db.fetch("SELECT id, message_count FROM chat.conversations")
-    assert {r["id"]: r["message_count"] for r in rows} == {turns_conversation: 2, other: 0}

@@ -11,24 +11,20 @@ from server.turn_codec import TurnColumns
 # by what was really inserted, and the turns marked persisted, in one statement.
 # - The arrays hold one element per turn; each turn becomes its user and its assistant
 #   row here (the LATERAL VALUES), so the driver encodes the shared columns once per turn.
-# - ON CONFLICT skips messages a redelivery already wrote (idempotent, I2), and the join
-#   with the turn's row skips turns whose conversation was deleted meanwhile.
-# - A message's conversation is its turn's, taken from the turn's row (the entry's copy is
-#   not used). messages.conversation_id has no foreign key of its own (migration 0004): the
-#   turn's keeps it from outliving the conversation, and checking it cost a quarter of this
-#   statement, with a lock on the conversation's row that the counters then update.
+# - ON CONFLICT skips messages a redelivery already wrote (idempotent, I2), and the
+#   EXISTS skips turns whose conversation was deleted meanwhile.
 # - The counters' rows are locked in id order (the FOR UPDATE subquery sorts before it
 #   locks), so two consumers whose batches share conversations cannot deadlock.
 _PERSIST_BATCH: Final = Statement("""
 WITH t AS (
-    SELECT t.*, x.conversation_id FROM unnest(
-        CAST(:turn_ids AS uuid[]), CAST(:seqs AS int[]),
+    SELECT * FROM unnest(
+        CAST(:turn_ids AS uuid[]), CAST(:conversation_ids AS uuid[]), CAST(:seqs AS int[]),
         CAST(:statuses AS text[]), CAST(:created AS timestamptz[]),
         CAST(:user_message_ids AS uuid[]), CAST(:user_texts AS text[]),
         CAST(:assistant_message_ids AS uuid[]), CAST(:assistant_texts AS text[])
-    ) AS t(turn_id, seq, status, created_at,
+    ) AS t(turn_id, conversation_id, seq, status, created_at,
            user_message_id, user_text, assistant_message_id, assistant_text)
-    JOIN chat.turns x ON x.id = t.turn_id
+    WHERE EXISTS (SELECT 1 FROM chat.turns x WHERE x.id = t.turn_id)
 ), m AS (
     INSERT INTO chat.messages
         (id, conversation_id, turn_id, turn_seq, role, text, turn_status, created_at)

@@ -115,9 +115,9 @@ class MessageRow(Base):
     __tablename__ = "messages"
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
-    # Its turn's conversation, copied by the consumer's statement from the turn's row. No key
-    # of its own: the turn's keeps the message from outliving the conversation (migration 0004).
-    conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("conversations.id", ondelete="CASCADE")
+    )
     turn_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("turns.id", ondelete="CASCADE"))
     turn_seq: Mapped[int] = mapped_column(Integer)
     role: Mapped[int] = mapped_column(SmallInteger)
