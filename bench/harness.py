@@ -308,9 +308,7 @@ class Bench:
 
         port = free_port()
         address = f"127.0.0.1:{port}"
-        server = self.procs.start(
-            "chatstream-serve", [str(BIN / "chatstream"), "serve"], self.ours_env(CHATSTREAM_LISTEN=address)
-        )
+        server = self.start_serve(address)
         self.consumer = self.procs.start(
             "chatstream-consume", [str(BIN / "chatstream"), "consume"], self.ours_env()
         )
@@ -364,17 +362,19 @@ class Bench:
             + f", upstream={self.upstream_url}"
         )
 
+    def start_serve(self, address: str) -> Child:
+        """``chatstream serve`` on ``address``; each start logs to a file of its own."""
+        name = f"chatstream-serve-{self._serve_starts}" if self._serve_starts else "chatstream-serve"
+        self._serve_starts += 1
+        return self.procs.start(
+            name, [str(BIN / "chatstream"), "serve"], self.ours_env(CHATSTREAM_LISTEN=address)
+        )
+
     def restart_serve(self) -> None:
         """A fresh ``chatstream serve`` on the same address, in place of the running one."""
         ours = self.systems["chatstream"]
         self.procs.stop(ours.server)
-        self._serve_starts += 1
-        ours.server = self.procs.start(
-            f"chatstream-serve-{self._serve_starts}",
-            [str(BIN / "chatstream"), "serve"],
-            self.ours_env(CHATSTREAM_LISTEN=ours.address),
-        )
-        server = ours.server
+        server = ours.server = self.start_serve(ours.address)
         wait_until(lambda: _grpc_health(ours.address), timeout_s=60, what="chatstream serve", child=server)
 
     # -- one load run ----------------------------------------------------------------------------
